@@ -1,0 +1,48 @@
+"""``vllm-plugins``: the package's command line.
+
+Each subcommand lives in its own module, which provides
+``add_parser(subparsers)`` returning the parser it added, with
+``set_defaults(func=...)`` pointing at a function that takes the parsed
+namespace and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute subcommands, in help order.
+SUBCOMMAND_MODULES: list[str] = []
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vllm-plugins",
+        description="Tools of the vllm-plugins package: quantize, convert, evaluate, train drafters.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"vllm-plugins {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""What :func:`vllm_plugins.register` registers, and the code that does it.
+
+Each later feature adds one line to a table below; nothing here imports
+torch models or initialises a device.
+"""
+
+from __future__ import annotations
+
+from vllm.logger import init_logger
+
+# Under the "vllm" logger namespace, so vLLM's handler (configured when
+# vllm.logger is imported) prints it in every process.
+logger = init_logger("vllm.plugins.vllm_plugins")
+
+# vLLM architecture name -> "module:Class", imported by vLLM only when used.
+MODELS: dict[str, str] = {}
+
+# HF ``model_type`` -> ("module:ConfigClass", "module:ModelClass" or None),
+# registered with transformers' AutoConfig / AutoModelForCausalLM.
+HF_CONFIGS: dict[str, tuple[str, str | None]] = {}
+
+# Modules whose import registers a vLLM quantization config (through
+# ``register_quantization_config``) or a kernel; imported in order.
+QUANT_MODULES: list[str] = []
+
+_registered: list[str] | None = None
+
+
+def _import(target: str):
+    import importlib
+
+    module, _, attr = target.partition(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, attr) if attr else mod
+
+
+def _register_models() -> list[str]:
+    from vllm import ModelRegistry
+
+    done = []
+    for arch, target in MODELS.items():
+        if arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch, target)
+        done.append(arch)
+    return done
+
+
+def _register_hf_configs() -> list[str]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    done = []
+    for model_type, (config_target, model_target) in HF_CONFIGS.items():
+        config_cls = _import(config_target)
+        try:
+            AutoConfig.register(model_type, config_cls, exist_ok=True)
+        except TypeError:  # older transformers without exist_ok
+            AutoConfig.register(model_type, config_cls)
+        if model_target is not None:
+            AutoModelForCausalLM.register(config_cls, _import(model_target), exist_ok=True)
+        done.append(model_type)
+    return done
+
+
+def _register_quant() -> list[str]:
+    done = []
+    for module in QUANT_MODULES:
+        _import(module)
+        done.append(module.rsplit(".", 1)[-1])
+    return done
+
+
+def register_all() -> list[str]:
+    """Register everything once per process; return what was registered."""
+    global _registered
+    if _registered is not None:
+        return _registered
+    what = (
+        [f"model {a}" for a in _register_models()]
+        + [f"hf-config {t}" for t in _register_hf_configs()]
+        + [f"quant {q}" for q in _register_quant()]
+    )
+    _registered = what
+    logger.info("vllm_plugins registered: %s", ", ".join(what) or "nothing yet")
+    return what
