@@ -57,8 +57,27 @@ def dequantized_state_dict(export_dir: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_dequantized_model(export_dir: str | Path, dtype=torch.float32):
-    """A transformers causal LM holding the dequantized weights of ``export_dir``."""
+def w8a8_module_names(export_dir: str | Path) -> list[str]:
+    """HF names of the linears an export quantizes as w8a8 (int8 weights)."""
+    reader = ShardReader(export_dir)
+    qc = json.loads((Path(export_dir) / "config.json").read_text())["quantization_config"]
+    suffix = ".weight" if qc["quant_method"] == "compressed-tensors" else ".qweight"
+    return [n[: -len(suffix)] for n in reader.names() if n.endswith(suffix) and reader.dtype(n) == torch.int8]
+
+
+def fake_quant_per_token_int8(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token symmetric int8 activations, as vLLM's W8A8 computes them."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float() / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.clamp(torch.round(x.float() / scale), -127, 127) * scale).to(x.dtype)
+
+
+def load_dequantized_model(export_dir: str | Path, dtype=torch.float32, act_quant: bool = True):
+    """A transformers causal LM holding the dequantized weights of ``export_dir``.
+
+    With ``act_quant`` the inputs of w8a8 linears are fake-quantized per token
+    to int8, as at serving time.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     export_dir = Path(export_dir)
@@ -83,6 +102,10 @@ def load_dequantized_model(export_dir: str | Path, dtype=torch.float32):
                 continue
             raise ValueError(f"{export_dir}: no tensor for {name}")
     _reinit_meta_buffers(model)
+    if act_quant:
+        for name in w8a8_module_names(export_dir):
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda _m, args: (fake_quant_per_token_int8(args[0]), *args[1:]))
     return model.eval()
 
 

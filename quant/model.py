@@ -128,6 +128,7 @@ class DecoderSkeleton:
     def _materialise(self, module: nn.Module, prefix: str) -> None:
         """Give ``module`` CPU storage: its persistent tensors from the checkpoint, the rest recomputed."""
         module.to_empty(device="cpu")
+        module.requires_grad_(False)
         persistent = module.state_dict()
         for name, sub in module.named_modules():
             own_buffers = [b for b, _ in sub.named_buffers(recurse=False)]
