@@ -58,10 +58,10 @@ def load_hf_config(model_dir: Path):
         _register_hf_configs()
         try:
             return AutoConfig.from_pretrained(str(model_dir))
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError):
             raise QuantInputError(
-                f"{path}: unsupported architecture {raw.get('architectures')} / model_type "
-                f"{raw.get('model_type')!r} ({exc})") from None
+                f"{path}: unsupported architecture {raw.get('architectures')}: transformers does not know "
+                f"model_type {raw.get('model_type')!r}") from None
 
 
 class DecoderSkeleton:
@@ -83,7 +83,8 @@ class DecoderSkeleton:
             with torch.device("meta"):
                 self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         except (ValueError, KeyError, TypeError) as exc:
-            raise QuantInputError(f"{where}: unsupported architecture {archs} ({exc})") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise QuantInputError(f"{where}: unsupported architecture {archs} ({first})") from None
         self.model.eval()
         text_config = config.get_text_config()
         n = getattr(text_config, "num_hidden_layers", None)
