@@ -21,7 +21,7 @@ import torch
 from quant.config import QuantConfig
 from quant.evaluate import load_dequantized_model
 from quant.pipeline import quantize_checkpoint
-from vllm_plugins.serving import ServerError, VllmServer
+from vllm_plugins.serving import VllmServer
 
 PROMPTS = [[1, 45, 200, 31, 77, 9], [1, 300, 12, 5]]
 MAX_TOKENS = 12
@@ -80,13 +80,16 @@ def test_w8a8_compressed_tensors_serves_same_greedy_tokens(exports):
 def test_w4a16_in_tree_loads_then_stops_at_missing_cpu_int4_op(exports, name):
     # vLLM's gptq method takes fp16/bf16 activations only.
     args = [a if a != "float32" else "bfloat16" for a in SERVE_ARGS]
-    server = VllmServer(exports / name, *args, env={"VLLM_PLUGINS": "none"}, startup_timeout=900)
-    with pytest.raises(ServerError) as info:
-        with server:
-            pass
-    log = server.log()
+    with VllmServer(exports / name, *args, env={"VLLM_PLUGINS": "none"}) as server:
+        # The weights load through vLLM's in-tree loaders; the first forward needs the missing op.
+        assert re.search(r"Loading weights took", server.log())
+        try:
+            r = requests.post(server.url("/v1/completions"), timeout=300, json={
+                "model": server.model, "prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0})
+            status = r.status_code
+        except requests.RequestException:
+            status = None  # the engine died with the connection open
+        log = server.log()
+    assert status != 200
     assert MISSING_OP in log, log[-4000:]
-    # The in-tree loaders accepted every tensor before the first forward failed.
-    assert re.search(r"Loading weights took|Model loading took", log), log[-4000:]
     assert "vllm_plugins registered" not in log
-    assert "exited with" in str(info.value)
