@@ -16,6 +16,7 @@ import sys
 SUBCOMMAND_MODULES: list[str] = [
     "models.convert",
     "models.demo",
+    "quant.cli",
 ]
 
 
