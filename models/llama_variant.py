@@ -51,10 +51,13 @@ from vllm.model_executor.models.utils import (
     maybe_prefix,
     spec_decode_needs_target_embed,
 )
+from vllm.logger import init_logger
 from vllm.sequence import IntermediateTensors
 
 from models.head_padding import attention_head_size, pad_heads, unpad_heads
 from models.llama_variant_config import HIDDEN_ACTS, head_dim, rope_parameters
+
+logger = init_logger("vllm.plugins.vllm_plugins.models")
 
 
 def apply_rope(rotary_emb: nn.Module, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -171,6 +174,11 @@ class LlamaVariantAttention(nn.Module):
         self.attn_head_size, backend = attention_head_size(
             self.head_dim, torch.get_default_dtype(), kv_cache_dtype
         )
+        if self.attn_head_size != self.head_dim:
+            logger.info_once(
+                "LlamaVariant: head size %d runs attention at %d (zero-padded) on %s",
+                self.head_dim, self.attn_head_size, backend.get_name(),
+            )
         self.attn = Attention(
             self.num_heads,
             self.attn_head_size,
