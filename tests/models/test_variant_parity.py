@@ -5,7 +5,8 @@
    prompts of different lengths in one batch: top-k logprobs close in the
    manner of vLLM's ``check_logprobs_close`` and identical greedy tokens.
 2. Each option on (every option appears in at least one checkpoint; each
-   checkpoint also uses one RoPE type, and all are padded head sizes), vLLM
+   checkpoint also uses one RoPE type, and all are padded head sizes; every
+   RoPE type is also checked alone in ``test_variant_rope.py``), vLLM
    vs the HF reference in float32: prefill logits within relative error 1e-3
    and identical greedy tokens for 32 steps.
 
@@ -43,14 +44,15 @@ OPTION_CASES = {
                       "short_factor": [1.0 + 0.25 * i for i in range(8)],
                       "long_factor": [2.0 + 0.5 * i for i in range(8)]},
     ),
-    "head_dim_40+rope_dynamic+tied": dict(
+    "head_dim_40+rope_dynamic_alpha+tied": dict(
         hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=40,
-        tie_word_embeddings=True, rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+        tie_word_embeddings=True, rope_scaling={"rope_type": "dynamic", "alpha": 4.0},
     ),
     "all_options": dict(
         qk_norm=True, partial_rotary_factor=0.5, hidden_act="gelu_pytorch_tanh",
         attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128},
+        rope_scaling={"rope_type": "deepseek_yarn", "factor": 2.0, "original_max_position_embeddings": 128,
+                      "mscale": 1.0, "mscale_all_dim": 0.5},
     ),
 }
 
