@@ -35,6 +35,14 @@ BATCH_TOKENS = 4096
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM; ru_maxrss would include a parent's peak before exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
