@@ -185,3 +185,47 @@ def test_vllm_config_resolves_fused_layers_and_rejects_mixed_fusions():
         cfg.layer_scheme("m.layers.0.self_attn.qkv_proj")
     with pytest.raises(QuantConfigError, match="unknown quantization_config keys"):
         VllmPluginsQuantConfig.from_config({"quant_method": "vllm_plugins", "sym": True})
+
+
+# -------------------------------------------------------------------- reference
+class _FakeW8A8Linear(torch.nn.Module):
+    """Per-token int8 activations (float64 emulation) times a dequantized weight."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x):
+        s = x.abs().amax(-1, keepdim=True).clamp(min=1e-10) / 127
+        xq = torch.clamp(torch.round(x / s), -127, 127) * s
+        return torch.nn.functional.linear(xq, self.weight, self.bias)
+
+
+def dequantized_reference(src: Path, qcfg: dict, deq: dict[str, torch.Tensor]):
+    """HF model of ``src`` in float64 with every quantized linear replaced by its
+    dequantized weight (and per-token int8 activations where the scheme is w8a8)."""
+    from transformers import AutoModelForCausalLM
+
+    native = NativeQuantConfig.from_dict(qcfg)
+    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float64).eval()
+    for name, w in deq.items():
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        old = getattr(owner, leaf)
+        if native.layer(name).scheme == "w8a8":
+            setattr(owner, leaf, _FakeW8A8Linear(w.double(), old.bias))
+        else:
+            old.weight.data = w.double()
+    return model
+
+
+def greedy_reference(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = model.generate(x, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens,
+                               pad_token_id=0, eos_token_id=None)
+            outs.append(y[0, len(ids):].tolist())
+    return outs

@@ -9,6 +9,7 @@ names, which must then agree on their scheme.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -57,10 +58,20 @@ class VllmPluginsQuantConfig(QuantizationConfig):
         except QuantConfigError as exc:
             raise QuantConfigError(f"config.json quantization_config: {exc}") from None
 
+    @staticmethod
+    def get_checkpoint_weight_mapper():
+        """Keep ``g_idx`` (vLLM's default drops it): act_order layers need it."""
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        return WeightsMapper()
+
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        # Fused (stacked) names are resolved through packed_modules_mapping in
+        # layer_scheme(); only plain renames apply to the checkpoint's names.
+        mapper = dataclasses.replace(hf_to_vllm_mapper, orig_to_new_stacked={})
+
         def rename(name: str) -> str:
-            mapped = hf_to_vllm_mapper.apply_list([name])
-            return mapped[0] if mapped else name
+            return mapper.map_name(name) or name
 
         self.native = self.native.renamed(rename)
 

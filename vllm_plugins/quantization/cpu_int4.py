@@ -5,16 +5,19 @@ vLLM's own CPU kernel (``CPUWNA16LinearKernel``) calls the custom op
 layer then dies at its first forward. :class:`TorchInt4CPULinearKernel` uses
 PyTorch's own CPU int4 GEMM (``aten._weight_int4pack_mm_for_cpu``) with the
 weights repacked once at load time. :func:`register_cpu_int4_kernel` puts it
-into ``vllm.model_executor.kernels.linear._POSSIBLE_KERNELS``: ahead of
-``CPUWNA16LinearKernel`` when the op is missing, behind it otherwise, so
-vLLM's in-tree ``gptq`` and compressed-tensors W4A16 layers use it too.
+into ``vllm.model_executor.kernels.linear._POSSIBLE_KERNELS`` ahead of
+``CPUWNA16LinearKernel``, declining every layer that kernel can really run
+(op present, bf16/fp16 activations), so vLLM's in-tree ``gptq`` and
+compressed-tensors W4A16 layers also run where ``CPUWNA16`` cannot.
 """
 
 from __future__ import annotations
 
 import torch
 
+from vllm import envs
 from vllm.logger import init_logger
+from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
 from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
     MPLinearKernel,
     MPLinearLayerConfig,
@@ -104,6 +107,9 @@ class TorchInt4CPULinearKernel(MPLinearKernel):
             return False, "CPU only"
         if not aten_int4_available():
             return False, f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
+        if (cpu_wna16_problem(c.act_type) is None and CPUWNA16LinearKernel.can_implement(c)[0]
+                and CPUWNA16LinearKernel.__name__ not in envs.VLLM_DISABLED_KERNELS):
+            return False, "CPUWNA16LinearKernel runs this layer (cpu_gemm_wna16 present, bf16/fp16)"
         if c.weight_type != scalar_types.uint4b8 or c.zero_points:
             return False, f"only symmetric uint4b8 without zero points, got {c.weight_type}"
         if c.act_type not in ACT_DTYPES:
@@ -153,13 +159,12 @@ def register_cpu_int4_kernel() -> str:
         logger.warning("CPU int4 kernel not registered: torch %s lacks aten._weight_int4pack_mm_for_cpu",
                        torch.__version__)
         return "unavailable"
-    wna16 = kernels.CPUWNA16LinearKernel
+    wna16 = CPUWNA16LinearKernel
     at = candidates.index(wna16) if wna16 in candidates else len(candidates)
-    if cpu_gemm_wna16_available():
-        candidates.insert(at + 1, TorchInt4CPULinearKernel)
-        what = "registered behind CPUWNA16LinearKernel (this build has cpu_gemm_wna16)"
-    else:
-        candidates.insert(at, TorchInt4CPULinearKernel)
-        what = "registered ahead of CPUWNA16LinearKernel (this build lacks cpu_gemm_wna16)"
+    # Ahead of CPUWNA16, whose can_implement accepts layers its op cannot run;
+    # ours declines every layer CPUWNA16 can run (see can_implement).
+    candidates.insert(at, TorchInt4CPULinearKernel)
+    what = ("registered ahead of CPUWNA16LinearKernel for the layers it cannot run "
+            f"(cpu_gemm_wna16 in this build: {'yes, bf16/fp16 only' if cpu_gemm_wna16_available() else 'no'})")
     logger.info("TorchInt4CPULinearKernel %s", what)
     return what

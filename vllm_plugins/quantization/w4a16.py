@@ -114,7 +114,7 @@ class W4A16LinearMethod(LinearMethodBase):
         layer.register_parameter("scales", scales)
         if self.scheme.act_order:
             layer.register_parameter("g_idx", SharedGIdxParameter(
-                data=torch.empty(in_p, dtype=torch.int32), input_dim=0, weight_loader=loader))
+                data=torch.full((in_p,), -1, dtype=torch.int32), input_dim=0, weight_loader=loader))
 
         config = MPLinearLayerConfig(
             full_weight_shape=(input_size, output_size), partition_weight_shape=(in_p, out_p),
@@ -147,6 +147,8 @@ class W4A16LinearMethod(LinearMethodBase):
         return None
 
     def process_weights_after_loading(self, layer) -> None:
+        if self.scheme.act_order and int(layer.g_idx.data.min()) < 0:
+            raise ValueError(f"{self.prefix}: act_order is set but the checkpoint has no g_idx for it")
         if layer.w4_act_order and self.kernel is not None:
             self._sort_act_order(layer)
         if self.kernel is not None:
