@@ -179,3 +179,21 @@ def test_w8a8_torch_fallback_vs_float64(vllm_tp1, monkeypatch):
     y, ref, method = _run("qkv", 128, [128, 64, 64], {"scheme": "w8a8"}, torch.float32)
     assert method.kernel is None and "CPUInt8ScaledMMLinearKernel" in method.fallback_reason
     _check(y, ref, "w8a8", torch.float32)
+
+
+def test_vllm_kernel_choice_includes_cpu_int4(vllm_tp1):
+    """After register(): fp32 layers (no CPUWNA16 path) and builds without
+    cpu_gemm_wna16 get our kernel; otherwise vLLM's CPUWNA16 keeps them."""
+    from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
+    from vllm.scalar_type import scalar_types
+
+    from vllm_plugins.quantization.cpu_int4 import TorchInt4CPULinearKernel, cpu_gemm_wna16_available
+
+    def chosen(dtype):
+        return choose_mp_linear_kernel(MPLinearLayerConfig(
+            full_weight_shape=(256, 128), partition_weight_shape=(256, 128), weight_type=scalar_types.uint4b8,
+            act_type=dtype, group_size=128, zero_points=False)).__name__
+
+    assert chosen(torch.float32) == TorchInt4CPULinearKernel.__name__
+    assert chosen(torch.bfloat16) == ("CPUWNA16LinearKernel" if cpu_gemm_wna16_available()
+                                      else TorchInt4CPULinearKernel.__name__)

@@ -229,3 +229,15 @@ def greedy_reference(model, prompts: list[list[int]], max_tokens: int) -> list[l
                                pad_token_id=0, eos_token_id=None)
             outs.append(y[0, len(ids):].tolist())
     return outs
+
+
+def greedy_gaps(model, prompts: list[list[int]], generated: list[list[int]]) -> list[float]:
+    """Teacher-force ``generated`` through the reference; for each step, how far the
+    chosen token's logit is below the reference's best (0 where greedy agrees)."""
+    gaps = []
+    with torch.no_grad():
+        for ids, gen in zip(prompts, generated):
+            logits = model(torch.tensor([ids + gen])).logits[0, len(ids) - 1:-1]
+            chosen = logits.gather(1, torch.tensor(gen).unsqueeze(1))[:, 0]
+            gaps.extend((logits.max(dim=1).values - chosen).tolist())
+    return gaps
