@@ -14,6 +14,7 @@ import sys
 
 # Modules that contribute subcommands, in help order.
 SUBCOMMAND_MODULES: list[str] = [
+    "models.demo",
     "vllm_plugins.evaluation.cli",
 ]
 
