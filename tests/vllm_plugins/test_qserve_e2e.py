@@ -1,6 +1,7 @@
-"""``vllm serve`` of W4A16 and W8A8 ``native`` exports of a random Llama.
+"""``vllm serve`` of W4A16 and W8A8 ``native`` exports of a random Llama and of
+TinyStories-656K (through the LLaMA variant).
 
-One server per scheme (module-scoped, parametrized). Greedy tokens must equal
+One server per export (module-scoped, parametrized). Greedy tokens must equal
 the float64 dequantized HF reference (``test_qpacking.dequantized_reference``),
 and 64 concurrent completion requests must all be answered in full.
 """
@@ -8,6 +9,7 @@ and 64 concurrent completion requests must all be answered in full.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 
 import pytest
 import requests
@@ -15,24 +17,36 @@ import requests
 from test_qpacking import dequantized_reference, export_native, greedy_reference
 from vllm_plugins.serving import VllmServer
 
+W4A16 = {"quant_method": "vllm_plugins", "format_version": 1, "scheme": "w4a16", "group_size": 64,
+         "act_order": True, "ignore": ["lm_head"]}
+W8A8 = {"quant_method": "vllm_plugins", "format_version": 1, "scheme": "w8a8", "ignore": ["lm_head"]}
+W4A16_G32 = {**W4A16, "group_size": 32, "act_order": False}
+# id -> (source, quantization_config)
 EXPORTS = {
-    "w4a16": {"quant_method": "vllm_plugins", "format_version": 1, "scheme": "w4a16", "group_size": 64,
-              "act_order": True, "ignore": ["lm_head"]},
-    "w8a8": {"quant_method": "vllm_plugins", "format_version": 1, "scheme": "w8a8", "ignore": ["lm_head"]},
+    "llama-w4a16": ("tiny", W4A16),
+    "llama-w8a8": ("tiny", W8A8),
+    "tinystories-w4a16": ("tinystories", W4A16_G32),
+    "tinystories-w8a8": ("tinystories", W8A8),
 }
+# TinyStories-656K has head size 16: served through the LLaMA variant, which pads it.
+VARIANT = ("--hf-overrides", json.dumps({"architectures": ["LlamaVariantForCausalLM"]}))
 PROMPTS = [[1, 5, 77, 200, 31], [1, 300, 12], [1, 42, 43, 44, 45, 46, 47, 48], [1, 400]]
 MAX_TOKENS = 12
 
 
-@pytest.fixture(scope="module", params=sorted(EXPORTS))
+@pytest.fixture(scope="module", params=list(EXPORTS))
 def served(request, tiny_llama, tmp_path_factory):
-    src = tiny_llama()
-    qcfg = EXPORTS[request.param]
+    source, qcfg = EXPORTS[request.param]
+    if source == "tiny":
+        src = tiny_llama()
+    else:
+        src = request.getfixturevalue("shared_dir") / "models" / "TinyStories-656K"
     out = tmp_path_factory.mktemp(f"native-{request.param}") / "ckpt"
     deq = export_native(src, out, qcfg)
     reference = greedy_reference(dequantized_reference(src, qcfg, deq), PROMPTS, MAX_TOKENS)
+    extra = VARIANT if source == "tinystories" else ()
     with VllmServer(out, "--enforce-eager", "--max-model-len", "512", "--dtype", "float32",
-                    "--max-num-seqs", "64") as server:
+                    "--max-num-seqs", "64", *extra) as server:
         yield server, reference
 
 
