@@ -31,6 +31,8 @@ def add_parser(subparsers):
     p.add_argument("--limit", type=int, default=_DEFAULTS["limit"], help="documents per task (default: all)")
     p.add_argument("--dtype", default=_DEFAULTS["dtype"])
     p.add_argument("--max-model-len", type=int, default=_DEFAULTS["max_model_len"])
+    p.add_argument("--hf-overrides", type=json.loads, default=None, metavar="JSON",
+                   help='passed to vLLM, e.g. \'{"architectures": ["LlamaVariantForCausalLM"]}\' for head size 16')
     p.add_argument("--shared-dir", type=Path, default=None, help="the project's ../shared (data/ inside)")
     p.add_argument("--output", type=Path, help="also write the results as JSON here")
     p.set_defaults(func=run)
@@ -60,7 +62,7 @@ def run(args) -> int:
     if args.base_url and (len(models) != 1 or args.backend != "server"):
         raise CLIError("--base-url evaluates one running server: give exactly one --model and --backend server")
     settings = EvalSettings(backend=args.backend, tasks=tasks, limit=args.limit, dtype=args.dtype,
-                            max_model_len=args.max_model_len)
+                            max_model_len=args.max_model_len, hf_overrides=args.hf_overrides)
     if args.shared_dir is not None:
         settings.shared_dir = args.shared_dir
     for name in ("tinystories_val.txt", "wikitext2_test.txt"):

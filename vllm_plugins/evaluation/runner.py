@@ -9,6 +9,7 @@ Two backends, both lm-eval's own:
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ class EvalSettings:
     shared_dir: Path = field(default_factory=lambda: Path(os.environ.get("VLLM_PLUGINS_SHARED", "../shared")))
     num_concurrent: int = 8
     batch_size: int = 16
-    extra_server_args: tuple[str, ...] = ()
+    hf_overrides: dict | None = None  # e.g. {"architectures": ["LlamaVariantForCausalLM"]}
 
 
 def task_manager(settings: EvalSettings):
@@ -81,6 +82,8 @@ def evaluate_offline(model_dir: str | os.PathLike, settings: EvalSettings):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # CPU: else vLLM reserves most of RAM
     model_args = {"pretrained": str(model_dir), "dtype": settings.dtype, "enforce_eager": True,
                   "max_model_len": settings.max_model_len}
+    if settings.hf_overrides:
+        model_args["hf_overrides"] = settings.hf_overrides
     res = simple_evaluate(model="vllm", model_args=model_args, tasks=list(settings.tasks),
                           task_manager=task_manager(settings), limit=settings.limit,
                           batch_size=settings.batch_size)
@@ -92,8 +95,9 @@ def evaluate_model(model_dir: str | os.PathLike, settings: EvalSettings):
         return evaluate_offline(model_dir, settings)
     from vllm_plugins.serving import VllmServer
 
-    args = ["--enforce-eager", "--dtype", settings.dtype, "--max-model-len", str(settings.max_model_len),
-            *settings.extra_server_args]
+    args = ["--enforce-eager", "--dtype", settings.dtype, "--max-model-len", str(settings.max_model_len)]
+    if settings.hf_overrides:
+        args += ["--hf-overrides", json.dumps(settings.hf_overrides)]
     with VllmServer(model_dir, *args) as server:
         return evaluate_server(server.base_url, server.model, model_dir, settings)
 
