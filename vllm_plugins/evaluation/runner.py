@@ -17,7 +17,6 @@ from pathlib import Path
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASKS = ("tinystories_lastword", "wikitext2_ppl")
 BACKENDS = ("server", "offline")
-SERVER_WINDOW_MARGIN = 16
 
 # (task, lm-eval metric, column title, higher is better)
 COLUMNS = [
@@ -64,11 +63,12 @@ def evaluate_server(base_url: str, served_model: str, tokenizer: str | os.PathLi
 
     model_args = {
         "base_url": base_url.rstrip("/") + "/v1/completions", "model": served_model,
-        "tokenizer_backend": "huggingface", "tokenizer": str(tokenizer), "tokenized_requests": False,
+        "tokenizer_backend": "huggingface", "tokenizer": str(tokenizer),
+        # Token ids, not text: with text the server adds BOS and re-tokenizes,
+        # so lm-eval's context length no longer indexes the echoed logprobs.
+        "tokenized_requests": True, "add_bos_token": True,
         "num_concurrent": settings.num_concurrent, "max_retries": 3,
-        # Text requests are re-tokenized by the server (BOS, merges at window
-        # edges): keep lm-eval's windows a little shorter than the model.
-        "max_length": settings.max_model_len - SERVER_WINDOW_MARGIN,
+        "max_length": settings.max_model_len - 1,  # + the one token each request generates
     }
     res = simple_evaluate(model="local-completions", model_args=model_args, tasks=list(settings.tasks),
                           task_manager=task_manager(settings), limit=settings.limit, batch_size=1)
@@ -81,7 +81,7 @@ def evaluate_offline(model_dir: str | os.PathLike, settings: EvalSettings):
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # CPU: else vLLM reserves most of RAM
     model_args = {"pretrained": str(model_dir), "dtype": settings.dtype, "enforce_eager": True,
-                  "max_model_len": settings.max_model_len}
+                  "max_model_len": settings.max_model_len, "add_bos_token": True}
     if settings.hf_overrides:
         model_args["hf_overrides"] = settings.hf_overrides
     res = simple_evaluate(model="vllm", model_args=model_args, tasks=list(settings.tasks),
