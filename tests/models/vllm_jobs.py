@@ -2,7 +2,8 @@
 
 ``python vllm_jobs.py JOBS.json OUT.json``. Each job is
 ``{"model": dir, "llm": {LLM kwargs}, "prompts": [[token ids], ...],
-"max_tokens": int, "logprobs": int|null, "prompt_logprobs": int|null}``.
+"max_tokens": int, "logprobs": int|null, "prompt_logprobs": int|null,
+"env": {variables set before the engine starts}}``.
 Engines are started one after another in this process (the imports and the
 plugin registration are paid once), each shut down before the next. The
 result per job is ``{"outputs": [{"token_ids", "logprobs", "prompt_logprobs"}]}``
@@ -28,6 +29,7 @@ def run_job(job: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    os.environ.update(job.get("env", {}))
     kwargs = {"dtype": "float32", "enforce_eager": True, "max_model_len": 512, "max_num_seqs": 8, "seed": 0}
     kwargs.update(job.get("llm", {}))
     if kwargs.get("tensor_parallel_size", 1) == 1:
