@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "models.convert",
     "models.demo",
     "quant.cli",
+    "vllm_plugins.evaluation.cli",
 ]
 
 

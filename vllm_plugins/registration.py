@@ -25,7 +25,9 @@ HF_CONFIGS: dict[str, tuple[str, str | None]] = {
 
 # Modules whose import registers a vLLM quantization config (through
 # ``register_quantization_config``) or a kernel; imported in order.
-QUANT_MODULES: list[str] = []
+QUANT_MODULES: list[str] = [
+    "vllm_plugins.quantization.plugin",
+]
 
 _registered: list[str] | None = None
 
