@@ -13,7 +13,9 @@ import importlib
 import sys
 
 # Modules that contribute subcommands, in help order.
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = [
+    "eagle.cli",
+]
 
 
 class CLIError(Exception):

@@ -13,7 +13,9 @@ from vllm.logger import init_logger
 logger = init_logger("vllm.plugins.vllm_plugins")
 
 # vLLM architecture name -> "module:Class", imported by vLLM only when used.
-MODELS: dict[str, str] = {}
+MODELS: dict[str, str] = {
+    "Eagle3MultimodalLlamaForCausalLM": "eagle.drafter:Eagle3MultimodalLlamaForCausalLM",
+}
 
 # HF ``model_type`` -> ("module:ConfigClass", "module:ModelClass" or None),
 # registered with transformers' AutoConfig / AutoModelForCausalLM.
