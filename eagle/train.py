@@ -150,7 +150,11 @@ def init_drafter(dcfg: dict, target, ids: torch.Tensor, num_aux: int) -> TorchEa
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=0.02)
     _, norm = decoder_stack(target)
+    hidden = dcfg["hidden_size"]
     with torch.no_grad():
+        # Start from "the deepest aux state is the answer": the right logit
+        # scale from step one (the deepest id is last in vLLM's order).
+        drafter.fc.weight[:, -hidden:] += torch.eye(hidden)
         drafter.embed_tokens.weight.copy_(target.get_input_embeddings().weight)
         drafter.lm_head.weight.copy_(target.get_output_embeddings().weight[ids])
         drafter.norm.weight.copy_(norm.weight)
