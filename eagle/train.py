@@ -45,6 +45,8 @@ class TrainDrafterConfig:
     warmup_steps: int = 20
     head_dim: int = 32
     holdout_fraction: float = 0.1
+    self_distill_sequences: int = 256  # training sequences the target writes itself (greedy)
+    self_distill_prompt_len: int = 16
     max_text_chars: int | None = None
     layout: str = "specforge"
     input_embeds_norm: bool = False
@@ -187,6 +189,47 @@ def ttt_loss(drafter, feats, ids: torch.Tensor, steps: int, decay: float):
     return total, acc
 
 
+def is_vlm(target) -> bool:
+    return getattr(target.config, "vision_config", None) is not None
+
+
+def with_images(target, batch: torch.Tensor, gen: torch.Generator):
+    """Prefix each sequence with one image's placeholders (after BOS) and
+    draw random images, so the recorded features hold the target's image
+    embeddings at those positions. Returns ``(input_ids, pixel_values)``."""
+    vc = target.config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    b = batch.shape[0]
+    image = torch.full((b, n), target.config.image_token_index, dtype=batch.dtype)
+    ids = torch.cat([batch[:, :1], image, batch[:, 1:-n]], dim=1)
+    pixels = torch.rand(b, 3, vc.image_size, vc.image_size, generator=gen) * 2 - 1
+    return ids, {"pixel_values": pixels}
+
+
+@torch.no_grad()
+def self_distill(target, tokenizer, passages: list[str], cfg: TrainDrafterConfig) -> torch.Tensor:
+    """Sequences of ``seq_len`` tokens: a passage's first tokens, then the
+    target's greedy continuation, which is what a drafter sees at serving."""
+    from tqdm import tqdm
+
+    plen = cfg.self_distill_prompt_len
+    prompts = []
+    for p in passages:
+        ids = tokenizer(p)["input_ids"]
+        if len(ids) >= plen:
+            prompts.append(ids[:plen])
+        if len(prompts) == cfg.self_distill_sequences:
+            break
+    out = []
+    batch = 32
+    for start in tqdm(range(0, len(prompts), batch), desc="self-distill", disable=not cfg.progress):
+        x = torch.tensor(prompts[start: start + batch])
+        g = target.generate(x, max_new_tokens=cfg.seq_len - plen, min_new_tokens=cfg.seq_len - plen,
+                            do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out.append(g[:, : cfg.seq_len])
+    return torch.cat(out)
+
+
 def load_target(path: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -222,6 +265,9 @@ def train_drafter(cfg: TrainDrafterConfig) -> Path:
     if n_chunks < cfg.batch_size:
         raise DrafterError(f"--data {cfg.data}: too little text for one batch")
     chunks = tokens[: n_chunks * cfg.seq_len].view(n_chunks, cfg.seq_len)
+    if cfg.self_distill_sequences:
+        chunks = torch.cat([chunks, self_distill(target, tokenizer, train_passages, cfg)])
+        n_chunks = chunks.shape[0]
     ids, _, _ = draft_vocab(tokens, tc.vocab_size, dvs)
 
     dcfg = drafter_config(cfg, target.config, aux_ids, dvs)
@@ -240,7 +286,10 @@ def train_drafter(cfg: TrainDrafterConfig) -> Path:
     bar = tqdm(range(cfg.steps), desc="train-drafter", disable=not cfg.progress, unit="step")
     for _ in bar:
         batch = chunks[torch.randint(0, n_chunks, (cfg.batch_size,), generator=gen)]
-        feats = target_features(target, batch, aux_ids)
+        extra: dict = {}
+        if is_vlm(target):
+            batch, extra = with_images(target, batch, gen)
+        feats = target_features(target, batch, aux_ids, **extra)
         loss, acc = ttt_loss(drafter, feats, ids, cfg.ttt_steps, cfg.loss_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
