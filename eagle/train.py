@@ -47,6 +47,7 @@ class TrainDrafterConfig:
     holdout_fraction: float = 0.1
     self_distill_sequences: int = 256  # training sequences the target writes itself (greedy)
     self_distill_prompt_len: int = 16
+    natural_text: bool = True  # also train on the text itself, not only on self-distilled sequences
     max_text_chars: int | None = None
     layout: str = "specforge"
     input_embeds_norm: bool = False
@@ -266,7 +267,8 @@ def train_drafter(cfg: TrainDrafterConfig) -> Path:
         raise DrafterError(f"--data {cfg.data}: too little text for one batch")
     chunks = tokens[: n_chunks * cfg.seq_len].view(n_chunks, cfg.seq_len)
     if cfg.self_distill_sequences:
-        chunks = torch.cat([chunks, self_distill(target, tokenizer, train_passages, cfg)])
+        distilled = self_distill(target, tokenizer, train_passages, cfg)
+        chunks = torch.cat([chunks, distilled]) if cfg.natural_text else distilled
         n_chunks = chunks.shape[0]
     ids, _, _ = draft_vocab(tokens, tc.vocab_size, dvs)
 

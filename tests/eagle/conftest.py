@@ -48,3 +48,68 @@ def vlm_target(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def vlm_drafter(vlm_target, synthetic_text, tmp_path_factory) -> Path:
     return _train(vlm_target, synthetic_text, tmp_path_factory.mktemp("vlm-draft") / "d")
+
+
+@pytest.fixture(scope="session")
+def vllm_drafter():
+    """``vllm_drafter(target_dir, draft_dir, cls=None, weights=None)``: build the
+    vLLM drafter class in this process (no engine, no attention forward),
+    with vLLM's own config parsing of both checkpoints, and load
+    ``weights`` (default: the draft checkpoint's raw tensors). Returns
+    ``(model, loaded_names, parameters_as_loaded)``."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+    from vllm.config import (
+        DeviceConfig, ModelConfig, ParallelConfig, SpeculativeConfig, VllmConfig,
+        set_current_vllm_config,
+    )
+    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+    import vllm_plugins
+    from eagle.drafter import Eagle3MultimodalLlamaForCausalLM
+
+    vllm_plugins.register()
+
+    def build(target: Path, draft: Path, cls=None, weights=None):
+        model_config = ModelConfig(model=str(target), dtype="float32", enforce_eager=True,
+                                   max_model_len=256)
+        parallel = ParallelConfig()
+        spec = SpeculativeConfig(model=str(draft), method="eagle3", num_speculative_tokens=3,
+                                 target_model_config=model_config, target_parallel_config=parallel)
+        config = VllmConfig(model_config=model_config, parallel_config=parallel,
+                            speculative_config=spec, device_config=DeviceConfig("cpu"))
+        with set_current_vllm_config(config):
+            if not dist.is_initialized():
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, "gloo")
+            ensure_model_parallel_initialized(1, 1)
+            model = (cls or Eagle3MultimodalLlamaForCausalLM)(vllm_config=config)
+            if weights is None:
+                weights = _raw_tensors(draft)
+            loaded = model.load_weights(list(weights.items()))
+            # Snapshot first: on CPU, post-processing repacks linear weights.
+            params = {n: p.detach().clone() for n, p in model.named_parameters()}
+            process_weights_after_loading(model, spec.draft_model_config, torch.device("cpu"))
+        return model.eval(), loaded, params
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def raw_tensors():
+    """``raw_tensors(draft_dir)``: its tensors under their on-disk names."""
+    return _raw_tensors
+
+
+def _raw_tensors(draft: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    if (draft / "pytorch_model.bin").is_file():
+        return torch.load(draft / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    return load_file(str(draft / "model.safetensors"))
