@@ -96,9 +96,14 @@ def build_tiny_llama(
     initializer_range: float = 0.2,
     torch_dtype: str = "float32",
     seed: int = 0,
+    model_type: str = "llama",
     **config_overrides,
 ) -> Path:
     """Save a random-weight ``LlamaForCausalLM`` with a local tokenizer.
+
+    ``model_type="llama_variant"`` saves the LLaMA variant instead
+    (:mod:`models.llama_variant_hf`); its options go in ``config_overrides``
+    (e.g. ``qk_norm=True``, ``partial_rotary_factor=0.5``).
 
     ``initializer_range`` defaults high (0.2) so that logits are peaked and
     greedy decoding is decisive, which makes token-exact comparisons stable.
@@ -109,9 +114,17 @@ def build_tiny_llama(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if model_type == "llama":
+        config_cls, model_cls = LlamaConfig, LlamaForCausalLM
+    elif model_type == "llama_variant":
+        from models.llama_variant_config import LlamaVariantConfig as config_cls
+        from models.llama_variant_hf import LlamaVariantForCausalLM as model_cls
+    else:
+        raise ValueError(f"model_type must be 'llama' or 'llama_variant', got {model_type!r}")
+
     out = Path(out_dir)
     tokenizer = build_tokenizer(out, vocab_size=vocab_size, seed=seed)
-    config = LlamaConfig(
+    config = config_cls(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers,
@@ -128,11 +141,14 @@ def build_tiny_llama(
         **config_overrides,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, torch_dtype))
+    if model_type != "llama":
+        config.architectures = [model_cls.__name__]
+    model = model_cls(config).to(getattr(torch, torch_dtype))
     with torch.no_grad():
-        # Norm weights start at 1; perturb them so a wrong norm is visible.
+        # Norm weights start at 1 and biases at 0; perturb them so that a
+        # wrong norm or a dropped bias is visible.
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight") or name.endswith(".bias"):
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(out, safe_serialization=True)
     return out

@@ -14,6 +14,9 @@ import sys
 
 # Modules that contribute subcommands, in help order.
 SUBCOMMAND_MODULES: list[str] = [
+    "models.convert",
+    "models.demo",
+    "quant.cli",
     "eagle.cli",
 ]
 

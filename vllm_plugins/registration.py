@@ -14,13 +14,16 @@ logger = init_logger("vllm.plugins.vllm_plugins")
 
 # vLLM architecture name -> "module:Class", imported by vLLM only when used.
 MODELS: dict[str, str] = {
+    "LlamaVariantForCausalLM": "models.llama_variant:LlamaVariantForCausalLM",
     "Eagle3MultimodalLlamaForCausalLM": "eagle.drafter:Eagle3MultimodalLlamaForCausalLM",
     "TinyLlavaForConditionalGeneration": "eagle.vlm_target:TinyLlavaForConditionalGeneration",
 }
 
 # HF ``model_type`` -> ("module:ConfigClass", "module:ModelClass" or None),
 # registered with transformers' AutoConfig / AutoModelForCausalLM.
-HF_CONFIGS: dict[str, tuple[str, str | None]] = {}
+HF_CONFIGS: dict[str, tuple[str, str | None]] = {
+    "llama_variant": ("models.llama_variant_config:LlamaVariantConfig", "models.llama_variant_hf:LlamaVariantForCausalLM"),
+}
 
 # Modules whose import registers a vLLM quantization config (through
 # ``register_quantization_config``) or a kernel; imported in order.
