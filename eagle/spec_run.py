@@ -41,13 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--hf-overrides", type=json.loads, default=None,
+                   help='JSON for the target, e.g. {"architectures": ["LlamaVariantForCausalLM"]}')
     args = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     from vllm import LLM, SamplingParams, TokensPrompt
 
     prompts = json.loads(open(args.prompts).read())
-    kwargs = {}
+    kwargs = {"hf_overrides": args.hf_overrides} if args.hf_overrides else {}
     if args.draft:
         kwargs["speculative_config"] = {
             "method": "eagle3", "model": args.draft, "num_speculative_tokens": args.k,

@@ -38,6 +38,7 @@ class TrainDrafterConfig:
     draft_vocab_size: int | None = None  # None: min(target vocab, 1024)
     ttt_steps: int = 3
     loss_decay: float = 0.8
+    target_temperature: float = 1.0  # softmax temperature of the target's labels
     seq_len: int = 256
     batch_size: int = 8
     steps: int = 400
@@ -166,11 +167,13 @@ def init_drafter(dcfg: dict, target, ids: torch.Tensor, num_aux: int) -> TorchEa
     return drafter
 
 
-def ttt_loss(drafter, feats, ids: torch.Tensor, steps: int, decay: float):
+def ttt_loss(drafter, feats, ids: torch.Tensor, steps: int, decay: float,
+             temperature: float = 1.0):
     """Sum over steps of ``decay**i`` times the soft cross-entropy between the
     draft at index ``k`` of step ``i`` and the target's distribution for
     position ``k + 1 + i`` (restricted to the draft vocabulary); also
-    returns step-0 top-1 agreement."""
+    returns step-0 top-1 agreement. ``temperature`` below 1 sharpens the
+    target's distribution towards its argmax (what greedy decoding accepts)."""
     embeds, aux, logits = feats["embeds"], feats["aux"], feats["logits"]
     b, t, _ = embeds.shape
     pad = embeds.new_zeros(b, steps, embeds.shape[-1])
@@ -178,7 +181,7 @@ def ttt_loss(drafter, feats, ids: torch.Tensor, steps: int, decay: float):
     inputs = [shifted[:, 1 + i: 1 + i + t] for i in range(steps)]
     positions = torch.arange(t).expand(b, t)
     outs = drafter.ttt_forward(inputs, aux, positions)
-    target_probs = torch.softmax(logits[..., ids].float(), dim=-1)
+    target_probs = torch.softmax(logits[..., ids].float() / temperature, dim=-1)
     total, acc = 0.0, 0.0
     for i, out in enumerate(outs):
         valid = t - 1 - i
@@ -292,7 +295,8 @@ def train_drafter(cfg: TrainDrafterConfig) -> Path:
         if is_vlm(target):
             batch, extra = with_images(target, batch, gen)
         feats = target_features(target, batch, aux_ids, **extra)
-        loss, acc = ttt_loss(drafter, feats, ids, cfg.ttt_steps, cfg.loss_decay)
+        loss, acc = ttt_loss(drafter, feats, ids, cfg.ttt_steps, cfg.loss_decay,
+                             cfg.target_temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
