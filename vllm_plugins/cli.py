@@ -18,7 +18,6 @@ SUBCOMMAND_MODULES: list[str] = [
     "models.demo",
     "quant.cli",
     "vllm_plugins.evaluation.cli",
-
     "eagle.cli",
 ]
 
