@@ -54,7 +54,7 @@ def vllm_results(vllm_jobs, model_dir, prompt_ids, ppl_windows):
         {"model": str(model_dir), "llm": overrides, "prompts": ppl_windows, "max_tokens": 1,
          "prompt_logprobs": 0},
     ])
-    return job_outputs(gen), job_outputs(ppl)
+    return job_outputs(gen), job_outputs(ppl), gen["log"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def hf_model(model_dir):
 
 
 def test_greedy_matches_hf(vllm_results, hf_model, prompt_ids, tokenizer):
-    gen, _ = vllm_results
+    gen, _, _ = vllm_results
     expected = hf_greedy(hf_model, prompt_ids, MAX_TOKENS)
     for prompt, out, ref in zip(PROMPTS, gen, expected):
         assert out["token_ids"] == ref, (
@@ -81,7 +81,7 @@ def _nll(windows, logprob_of):
 
 
 def test_perplexity_within_one_percent_of_hf(vllm_results, hf_model, ppl_windows):
-    _, ppl = vllm_results
+    _, ppl, _ = vllm_results
     hf_lp = [hf_logprobs(hf_model, ids) for ids in ppl_windows]
     hf_nll = _nll(ppl_windows, lambda w, pos, tok: float(hf_lp[w][pos - 1, tok]))
     vllm_nll = _nll(ppl_windows, lambda w, pos, tok: ppl[w]["prompt_logprobs"][pos][str(tok)])
@@ -90,3 +90,8 @@ def test_perplexity_within_one_percent_of_hf(vllm_results, hf_model, ppl_windows
           f"HF {hf_ppl:.4f}, vLLM {vllm_ppl:.4f}, rel diff {abs(vllm_ppl / hf_ppl - 1):.2e}")
     assert hf_ppl < 100, f"HF perplexity {hf_ppl} is implausible for TinyStories-656K (uniform would be 2048)"
     assert abs(vllm_ppl / hf_ppl - 1) <= 0.01
+
+
+def test_attention_ran_padded(vllm_results):
+    """vLLM's CPU attention refuses head size 16; the variant ran it at 32."""
+    assert "LlamaVariant: head size 16 runs attention at 32" in vllm_results[2]
