@@ -15,6 +15,10 @@ import sys
 # Modules that contribute subcommands, in help order.
 SUBCOMMAND_MODULES: list[str] = [
     "models.convert",
+    "models.demo",
+    "quant.cli",
+    "vllm_plugins.evaluation.cli",
+    "eagle.cli",
 ]
 
 

@@ -15,6 +15,8 @@ logger = init_logger("vllm.plugins.vllm_plugins")
 # vLLM architecture name -> "module:Class", imported by vLLM only when used.
 MODELS: dict[str, str] = {
     "LlamaVariantForCausalLM": "models.llama_variant:LlamaVariantForCausalLM",
+    "Eagle3MultimodalLlamaForCausalLM": "eagle.drafter:Eagle3MultimodalLlamaForCausalLM",
+    "TinyLlavaForConditionalGeneration": "eagle.vlm_target:TinyLlavaForConditionalGeneration",
 }
 
 # HF ``model_type`` -> ("module:ConfigClass", "module:ModelClass" or None),
@@ -25,7 +27,9 @@ HF_CONFIGS: dict[str, tuple[str, str | None]] = {
 
 # Modules whose import registers a vLLM quantization config (through
 # ``register_quantization_config``) or a kernel; imported in order.
-QUANT_MODULES: list[str] = []
+QUANT_MODULES: list[str] = [
+    "vllm_plugins.quantization.plugin",
+]
 
 _registered: list[str] | None = None
 

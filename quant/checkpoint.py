@@ -1,0 +1,195 @@
+"""Reading and writing safetensors checkpoints without materialising a model.
+
+:class:`ShardReader` parses every shard's header up front (so a truncated
+file is an error before any work) and reads tensors with plain positioned
+reads from file handles opened once per pass — no mmap, so the resident set
+holds only the tensors the caller keeps. :class:`ShardWriter` writes the
+output shards one at a time. :func:`atomic_output_dir` gives a temporary
+directory that is renamed onto the output only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from quant.errors import QuantInputError
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+class ShardReader:
+    """Tensor names, shapes and dtypes of a checkpoint directory, and their bytes on demand."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise QuantInputError(f"--model {self.dir}: no such directory")
+        if not (self.dir / "config.json").is_file():
+            raise QuantInputError(f"--model {self.dir}: no config.json")
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise QuantInputError(f"{index}: not a safetensors index ({exc})") from None
+            shards = sorted(set(weight_map.values()))
+        elif (self.dir / "model.safetensors").is_file():
+            shards = ["model.safetensors"]
+        else:
+            raise QuantInputError(f"--model {self.dir}: no model.safetensors or model.safetensors.index.json")
+        self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        for shard in shards:
+            self._parse(self.dir / shard)
+        self._handles: dict[Path, object] = {}
+
+    def _parse(self, path: Path) -> None:
+        if not path.is_file():
+            raise QuantInputError(f"{path}: shard listed in the index is missing")
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise QuantInputError(f"{path}: truncated safetensors file (no header)")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > size - 8:
+                raise QuantInputError(f"{path}: truncated safetensors file (header of {hlen} bytes, file of {size})")
+            try:
+                header = json.loads(f.read(hlen))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise QuantInputError(f"{path}: corrupt safetensors header") from None
+        base = 8 + hlen
+        end = base
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _DTYPES.get(meta.get("dtype"))
+            if dtype is None:
+                raise QuantInputError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+            start, stop = meta["data_offsets"]
+            end = max(end, base + stop)
+            self.entries[name] = (path, dtype, tuple(meta["shape"]), base + start, base + stop)
+        if end > size:
+            raise QuantInputError(f"{path}: truncated safetensors file ({size} bytes, the header needs {end})")
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][2]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][1]
+
+    def total_bytes(self) -> int:
+        return sum(e[4] - e[3] for e in self.entries.values())
+
+    @contextlib.contextmanager
+    def open(self):
+        """One pass: each shard is opened at most once, then closed at exit."""
+        try:
+            yield self
+        finally:
+            for handle in self._handles.values():
+                handle.close()
+            self._handles.clear()
+
+    def read(self, name: str) -> torch.Tensor:
+        path, dtype, shape, start, stop = self.entries[name]
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = open(path, "rb")  # noqa: SIM115 - closed by open()'s exit
+        buf = torch.empty(stop - start, dtype=torch.uint8)
+        handle.seek(start)
+        if handle.readinto(memoryview(buf.numpy())) != stop - start:
+            raise QuantInputError(f"{path}: truncated while reading {name}")
+        return buf.view(dtype).reshape(shape)
+
+    def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors grouped by shard, in file order."""
+        order = sorted(names, key=lambda n: (str(self.entries[n][0]), self.entries[n][3]))
+        return {n: self.read(n) for n in order}
+
+
+class ShardWriter:
+    """Writes ``model-0000i-of-0000N.safetensors`` one shard at a time, then the index."""
+
+    def __init__(self, out_dir: Path, num_shards: int):
+        self.dir = out_dir
+        self.num_shards = num_shards
+        self.index: dict[str, str] = {}
+        self.total_size = 0
+        self._next = 1
+
+    def write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self._next > self.num_shards:
+            raise RuntimeError("more shards written than announced")
+        name = f"model-{self._next:05d}-of-{self.num_shards:05d}.safetensors"
+        self._next += 1
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(self.dir / name), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            self.index[k] = name
+            self.total_size += v.numel() * v.element_size()
+
+    def finish(self) -> None:
+        if self._next != self.num_shards + 1:
+            raise RuntimeError(f"wrote {self._next - 1} shards of {self.num_shards}")
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.index.items()))}
+        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer, generation config, chat template... every top-level non-weight file but config.json."""
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.name not in SKIP_FILES and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(path, dst / path.name)
+
+
+def check_output_dir(out: Path, source: Path, force: bool) -> None:
+    out_r, src_r = out.resolve(), source.resolve()
+    if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
+        raise QuantInputError(f"--out {out}: must not be the source checkpoint, inside it or contain it")
+    if out.exists() and not force:
+        raise QuantInputError(f"--out {out}: already exists (pass --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise QuantInputError(f"--out {out}: exists and is not a directory")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, force: bool):
+    """Yield a temporary directory next to ``out``; rename it onto ``out`` on success, delete it on error."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        if not force:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise QuantInputError(f"--out {out}: appeared while quantizing (pass --force to replace it)")
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, trash)
+        os.rename(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out)

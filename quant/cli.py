@@ -1,0 +1,73 @@
+"""``vllm-plugins quantize``: the command line of the GPTQ toolkit.
+
+Every default comes from :class:`quant.config.QuantConfig`; the flags only
+override its fields, and the config validates the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from quant.config import FORMATS, METHODS, SCHEMES, QuantConfig, parse_override
+from quant.errors import QuantInputError
+
+_DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+             for f in dataclasses.fields(QuantConfig)}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    d = _DEFAULTS
+    p = subparsers.add_parser(
+        "quantize", help="GPTQ/RTN-quantize a Hugging Face checkpoint and export it for vLLM",
+        description="Calibrate one decoder layer at a time and export a gptq, compressed-tensors or native checkpoint.")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (safetensors)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--calib", required=True, help="calibration text: .txt (blank-line separated) or .jsonl ('text')")
+    p.add_argument("--scheme", choices=SCHEMES, default=d["scheme"], help=f"default {d['scheme']}")
+    p.add_argument("--format", choices=FORMATS, default=d["format"], help=f"default {d['format']}")
+    p.add_argument("--method", choices=METHODS, default=d["method"], help=f"default {d['method']}")
+    p.add_argument("--group-size", type=int, default=d["group_size"], help=f"w4a16: 32, 64, 128 or -1 (default {d['group_size']})")
+    p.add_argument("--act-order", action="store_true", default=d["act_order"], help="w4a16: act-order with static groups")
+    p.add_argument("--num-samples", type=int, default=d["num_samples"], help=f"default {d['num_samples']}")
+    p.add_argument("--seqlen", type=int, default=d["seqlen"], help=f"default {d['seqlen']}")
+    p.add_argument("--seed", type=int, default=d["seed"], help=f"default {d['seed']}")
+    p.add_argument("--damp-percent", type=float, default=d["damp_percent"], help=f"default {d['damp_percent']}")
+    p.add_argument("--block-size", type=int, default=d["block_size"], help=f"GPTQ lazy block (default {d['block_size']})")
+    p.add_argument("--smoothquant", type=float, default=d["smoothquant"], metavar="ALPHA",
+                   help="w8a8: SmoothQuant with this alpha, folded into the preceding norms")
+    p.add_argument("--ignore", action="append", default=None, metavar="PATTERN",
+                   help=f"HF module-name glob left unquantized (repeatable; default {list(d['ignore'])})")
+    p.add_argument("--override", action="append", default=[], metavar="PATTERN=SCHEME",
+                   help="per-module scheme: 'GLOB=w8a8', 'GLOB=w4a16' or 'GLOB={\"scheme\": \"w4a16\", \"group_size\": 64}' (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> QuantConfig:
+    overrides = dict(parse_override(text) for text in args.override)
+    return QuantConfig(
+        scheme=args.scheme, group_size=args.group_size, method=args.method, format=args.format,
+        act_order=args.act_order, damp_percent=args.damp_percent, block_size=args.block_size,
+        num_samples=args.num_samples, seqlen=args.seqlen, seed=args.seed, smoothquant=args.smoothquant,
+        ignore=tuple(args.ignore) if args.ignore is not None else _DEFAULTS["ignore"], overrides=overrides,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_plugins.cli import CLIError
+
+    from quant.gptq import HessianError
+
+    try:
+        config = config_from_args(args)
+        from quant.pipeline import quantize_checkpoint
+
+        report = quantize_checkpoint(args.model, args.out, config, args.calib, force=args.force,
+                                     progress=not args.no_progress)
+    except (QuantInputError, HessianError) as exc:
+        raise CLIError(str(exc)) from None
+    print(report.summary())
+    return 0

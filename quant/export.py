@@ -1,0 +1,121 @@
+"""Checkpoint formats: the tensors of each quantized linear and the ``quantization_config``.
+
+Every format is written from the same :class:`quant.gptq.QuantResult`
+(integers plus scales already rounded to their stored dtype), so one
+calibration dequantizes bit-identically in all of them.
+
+- ``native`` (this package, format_version 1): see the briefing contract.
+  w4a16: ``qweight`` int32 ``[out, in/8]`` (:func:`quant.packing.pack_int4_along_input`),
+  ``scales`` fp16 ``[out, groups]``, ``g_idx`` int32 ``[in]`` only with act-order;
+  w8a8: ``qweight`` int8 ``[out, in]``, ``scales`` fp32 ``[out, 1]``.
+- ``gptq`` (AutoGPTQ v1, w4a16 only): ``qweight`` int32 ``[in/8, out]``,
+  ``qzeros`` int32 ``[groups, out/8]`` all ``0x77777777``, ``scales`` fp16
+  ``[groups, out]``, ``g_idx`` int32 ``[in]``.
+- ``compressed-tensors``: w4a16 ``pack-quantized`` (``weight_packed`` int32
+  ``[out, in/8]``, ``weight_scale`` fp16 ``[out, groups]``, ``weight_shape``
+  int64 ``[2]``); w8a8 ``int-quantized`` (``weight`` int8 ``[out, in]``,
+  ``weight_scale`` fp32 ``[out, 1]``) with dynamic per-token int8 inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quant.config import LayerScheme, QuantConfig
+from quant.gptq import QuantResult
+from quant.packing import gptq_qzeros, pack_int4_along_input, pack_int4_gptq
+
+
+def linear_tensors(fmt: str, name: str, res: QuantResult, act_order: bool) -> dict[str, torch.Tensor]:
+    """Stored tensors of one quantized linear (its bias is written separately, unchanged)."""
+    s = res.scheme
+    if fmt == "native":
+        if s.scheme == "w4a16":
+            out = {f"{name}.qweight": pack_int4_along_input(res.q), f"{name}.scales": res.scales.to(torch.float16)}
+            if act_order:
+                out[f"{name}.g_idx"] = res.g_idx.to(torch.int32)
+            return out
+        return {f"{name}.qweight": res.q.to(torch.int8), f"{name}.scales": res.scales.to(torch.float32)}
+    if fmt == "gptq":
+        if s.scheme != "w4a16":
+            raise ValueError("the gptq format holds w4a16 only")
+        n_groups, out_f = res.scales.shape[1], res.q.shape[0]
+        return {
+            f"{name}.qweight": pack_int4_gptq(res.q),
+            f"{name}.qzeros": gptq_qzeros(n_groups, out_f),
+            f"{name}.scales": res.scales.to(torch.float16).t().contiguous(),
+            f"{name}.g_idx": res.g_idx.to(torch.int32),
+        }
+    if fmt == "compressed-tensors":
+        if s.scheme == "w4a16":
+            return {
+                f"{name}.weight_packed": pack_int4_along_input(res.q),
+                f"{name}.weight_scale": res.scales.to(torch.float16),
+                f"{name}.weight_shape": torch.tensor(list(res.q.shape), dtype=torch.int64),
+            }
+        return {f"{name}.weight": res.q.to(torch.int8), f"{name}.weight_scale": res.scales.to(torch.float32)}
+    raise ValueError(f"unknown format {fmt}")
+
+
+def quantization_config(fmt: str, config: QuantConfig, schemes: dict[str, LayerScheme | None],
+                        non_layer_linears: list[str]) -> dict:
+    """``config.json["quantization_config"]`` for the quantized modules ``schemes`` (None = left in float)."""
+    ignored = sorted(set(non_layer_linears) | {n for n, s in schemes.items() if s is None})
+    default = config.default_scheme
+    if fmt == "native":
+        qc = {"quant_method": "vllm_plugins", "format_version": 1, "scheme": default.scheme}
+        if default.scheme == "w4a16":
+            qc["group_size"] = default.group_size
+            qc["act_order"] = config.act_order
+        qc["ignore"] = ignored
+        overrides = {n: s.as_dict() for n, s in sorted(schemes.items()) if s is not None and s != default}
+        if overrides:
+            qc["overrides"] = overrides
+        return qc
+    if fmt == "gptq":
+        if any(s is not None and s != default for s in schemes.values()) or any(s is None for s in schemes.values()):
+            raise ValueError("the gptq format needs one scheme for every decoder-layer linear")
+        return {
+            "quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4,
+            "group_size": default.group_size, "desc_act": config.act_order, "static_groups": config.act_order,
+            "sym": True, "true_sequential": True, "damp_percent": config.damp_percent, "lm_head": False,
+        }
+    if fmt == "compressed-tensors":
+        return _compressed_tensors_config(default, schemes, ignored)
+    raise ValueError(f"unknown format {fmt}")
+
+
+def _ct_scheme(s: LayerScheme, targets: list[str]):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    if s.scheme == "w4a16":
+        weights = QuantizationArgs(
+            num_bits=4, type="int", symmetric=True,
+            strategy="channel" if s.group_size == -1 else "group",
+            group_size=None if s.group_size == -1 else s.group_size)
+        return QuantizationScheme(targets=targets, weights=weights, format="pack-quantized")
+    return QuantizationScheme(
+        targets=targets,
+        weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
+        input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True),
+        format="int-quantized",
+    )
+
+
+def _compressed_tensors_config(default: LayerScheme, schemes: dict[str, LayerScheme | None],
+                               ignored: list[str]) -> dict:
+    from compressed_tensors.quantization import QuantizationConfig
+
+    # The default scheme targets every Linear; each other scheme lists its modules by exact name,
+    # which compressed-tensors and vLLM match before class names.
+    groups = {"group_0": _ct_scheme(default, ["Linear"])}
+    others: dict[LayerScheme, list[str]] = {}
+    for name, s in sorted(schemes.items()):
+        if s is not None and s != default:
+            others.setdefault(s, []).append(name)
+    for i, (s, names) in enumerate(others.items(), 1):
+        groups[f"group_{i}"] = _ct_scheme(s, names)
+    formats = {g.format for g in groups.values()}
+    fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
+    qc = QuantizationConfig(config_groups=groups, format=fmt, quantization_status="compressed", ignore=ignored)
+    return qc.model_dump(mode="json")

@@ -1,0 +1,229 @@
+"""Generic decoder-layer discovery and layer-at-a-time materialisation.
+
+The Hugging Face model is built on the ``meta`` device from its config (no
+memory), so any ``*ForCausalLM`` whose decoder layers sit in one
+``nn.ModuleList`` of ``num_hidden_layers`` entries works without per-model
+code (Llama, the LLaMA variant, Qwen2, Qwen3, Mistral...). Only the modules
+needed at a time get real CPU storage: the embeddings and rotary tables while
+the inputs of layer 0 are captured, then one decoder layer in float32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quant.checkpoint import ShardReader
+from quant.errors import QuantInputError
+
+
+class _Captured(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for layer 0: records its inputs and stops the forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden: list[torch.Tensor] = []
+        self.kwargs: dict | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise QuantInputError("decoder layers called with positional arguments beyond hidden_states are unsupported")
+        self.hidden.append(hidden_states.detach())
+        if self.kwargs is None:
+            self.kwargs = kwargs
+        raise _Captured
+
+
+class _Recorder(nn.Module):
+    """Stands in for any layer: records its keyword arguments and passes hidden states through."""
+
+    def __init__(self):
+        super().__init__()
+        self.kwargs: dict | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.kwargs = kwargs
+        return hidden_states
+
+
+def load_hf_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    path = model_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QuantInputError(f"{path}: invalid JSON ({exc})") from None
+    try:
+        return AutoConfig.from_pretrained(str(model_dir))
+    except (ValueError, KeyError):
+        # The package's own model types (the LLaMA variant) register on demand.
+        from vllm_plugins.registration import _register_hf_configs
+
+        _register_hf_configs()
+        try:
+            return AutoConfig.from_pretrained(str(model_dir))
+        except (ValueError, KeyError):
+            raise QuantInputError(
+                f"{path}: unsupported architecture {raw.get('architectures')}: transformers does not know "
+                f"model_type {raw.get('model_type')!r}") from None
+
+
+class DecoderSkeleton:
+    """A meta-device model plus the names and modules of its decoder layers."""
+
+    def __init__(self, model_dir: Path, reader: ShardReader):
+        from transformers import AutoModelForCausalLM
+
+        self.dir = Path(model_dir)
+        self.reader = reader
+        config = load_hf_config(self.dir)
+        archs = getattr(config, "architectures", None) or []
+        where = self.dir / "config.json"
+        if not any(a.endswith("ForCausalLM") for a in archs):
+            raise QuantInputError(f"{where}: unsupported architecture {archs}; expected a *ForCausalLM decoder")
+        config._attn_implementation = "sdpa"
+        self.config = config
+        try:
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except (ValueError, KeyError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise QuantInputError(f"{where}: unsupported architecture {archs} ({first})") from None
+        self.model.eval()
+        text_config = config.get_text_config()
+        n = getattr(text_config, "num_hidden_layers", None)
+        found = [
+            (name, mod) for name, mod in self.model.named_modules()
+            if isinstance(mod, nn.ModuleList) and len(mod) == n
+            and any(isinstance(m, nn.Linear) for m in mod[0].modules())
+        ]
+        if len(found) != 1:
+            raise QuantInputError(f"{where}: unsupported architecture {archs}: no single list of {n} decoder layers")
+        self.layers_prefix, self.layers = found[0]
+        self.base_prefix, _, self.layers_attr = self.layers_prefix.rpartition(".")
+        self.base = self.model.get_submodule(self.base_prefix) if self.base_prefix else self.model
+        # Tied weights (embeddings <-> lm_head): either name may be the stored one.
+        self.aliases: dict[str, str] = {}
+        tied = getattr(self.model, "_tied_weights_keys", None)
+        if isinstance(tied, dict) and getattr(text_config, "tie_word_embeddings", False):
+            for a, b in tied.items():
+                self.aliases[a], self.aliases[b] = b, a
+        missing = [k for k in self._layer_keys(0) if k not in reader.entries]
+        if missing:
+            raise QuantInputError(f"--model {self.dir}: checkpoint lacks {missing[0]} (architecture {archs})")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layer_name(self, i: int) -> str:
+        return f"{self.layers_prefix}.{i}"
+
+    def _layer_keys(self, i: int) -> list[str]:
+        return [f"{self.layer_name(i)}.{k}" for k in self.layers[i].state_dict()]
+
+    def layer_linears(self, i: int) -> dict[str, nn.Linear]:
+        """HF module name -> linear module of layer ``i`` (meta or materialised)."""
+        return {f"{self.layer_name(i)}.{n}": m for n, m in self.layers[i].named_modules() if isinstance(m, nn.Linear)}
+
+    def non_layer_linears(self) -> list[str]:
+        prefix = self.layers_prefix + "."
+        return [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(prefix)]
+
+    def _materialise(self, module: nn.Module, prefix: str) -> None:
+        """Give ``module`` CPU storage: its persistent tensors from the checkpoint, the rest recomputed."""
+        module.to_empty(device="cpu")
+        module.requires_grad_(False)
+        persistent = module.state_dict()
+        for name, sub in module.named_modules():
+            own_buffers = [b for b, _ in sub.named_buffers(recurse=False)]
+            if own_buffers and not any(True for _ in sub.parameters(recurse=False)):
+                self.model._init_weights(sub)  # rotary tables and other derived buffers
+        tensors = {}
+        for key in persistent:
+            full = f"{prefix}.{key}" if prefix else key
+            if full not in self.reader.entries and self.aliases.get(full) in self.reader.entries:
+                full = self.aliases[full]
+            if full not in self.reader.entries:
+                if key.endswith("inv_freq"):
+                    continue
+                raise QuantInputError(f"--model {self.dir}: checkpoint lacks {full}")
+            t = self.reader.read(full)
+            if t.is_floating_point():
+                if not torch.isfinite(t).all():
+                    raise QuantInputError(f"{self.reader.entries[full][0]}: tensor {full} has NaN or Inf values")
+                t = t.to(torch.float32)
+            tensors[key] = t
+        module.load_state_dict(tensors, strict=False)
+
+    def capture_layer_inputs(self, samples: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+        """Run embeddings (and whatever the base model does before layer 0) on ``samples``.
+
+        Returns hidden states float32 ``[n, seqlen, hidden]`` and, for each
+        decoder layer, the keyword arguments the base model passes to it
+        (masks may differ per layer, e.g. sliding-window layers).
+        """
+        children = [(n, m) for n, m in self.base.named_children() if n != self.layers_attr]
+        for name, child in children:
+            self._materialise(child, f"{self.base_prefix}.{name}" if self.base_prefix else name)
+        originals = list(self.layers)
+        catcher = _Catcher()
+        recorders = [_Recorder() for _ in originals]
+        try:
+            with torch.no_grad():
+                for i, r in enumerate(recorders):
+                    self.layers[i] = r
+                self.base(input_ids=samples[:1], use_cache=False)
+                self.layers[0] = catcher
+                for row in samples:
+                    try:
+                        self.base(input_ids=row.unsqueeze(0), use_cache=False)
+                    except _Captured:
+                        pass
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+            for _, child in children:
+                child.to("meta")
+        if catcher.kwargs is None or any(r.kwargs is None for r in recorders):
+            raise QuantInputError(f"{self.dir / 'config.json'}: the model did not call every decoder layer once")
+        hidden = torch.cat(catcher.hidden).to(torch.float32)
+        per_layer = []
+        for r in recorders:
+            kwargs = {k: v for k, v in r.kwargs.items() if k not in ("past_key_values", "past_key_value")}
+            kwargs["use_cache"] = False
+            per_layer.append(kwargs)
+        return hidden, per_layer
+
+    def load_layer(self, i: int) -> nn.Module:
+        layer = self.layers[i]
+        self._materialise(layer, self.layer_name(i))
+        return layer
+
+    def unload_layer(self, i: int) -> None:
+        self.layers[i].to("meta")
+
+    def layer_tensor_names(self, i: int) -> list[str]:
+        return self._layer_keys(i)
+
+    def source_dtype(self, name: str) -> torch.dtype:
+        return self.reader.dtype(name)
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_tokens: int = 4096) -> torch.Tensor:
+    """The layer on every sample, in batches of about ``batch_tokens`` tokens."""
+    out = torch.empty_like(hidden)
+    step = max(1, batch_tokens // hidden.shape[1])
+    with torch.no_grad():
+        for s in range(0, hidden.shape[0], step):
+            y = layer(hidden[s:s + step], **kwargs)
+            out[s:s + step] = y[0] if isinstance(y, tuple) else y
+    return out

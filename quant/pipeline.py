@@ -1,0 +1,291 @@
+"""Orchestration: calibrate and quantize one decoder layer at a time, write the exports.
+
+For each decoder layer: materialise it in float32 from the shards, find its
+linears' *input groups* (linears fed the same tensor, e.g. q/k/v) in call
+order, then quantize group after group (true-sequential): the Hessian of a
+group is accumulated from a forward pass that already uses the quantized
+weights of the earlier groups, and stops at the group's input. Finally the
+layer's quantized output becomes the next layer's input, the layer's tensors
+are written to one shard per format, and the layer goes back to ``meta``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from quant.calib import calibration_samples, load_tokenizer
+from quant.checkpoint import ShardReader, ShardWriter, atomic_output_dir, check_output_dir, copy_side_files
+from quant.config import LayerScheme, QuantConfig
+from quant.errors import QuantInputError
+from quant.export import linear_tensors, quantization_config
+from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize, layer_output_error,
+                        rtn_quantize, smoothquant_scales)
+from quant.model import DecoderSkeleton, run_layer
+
+BATCH_TOKENS = 4096
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM; ru_maxrss would include a parent's peak before exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class LayerStats:
+    index: int
+    seconds: float
+    peak_rss_mb: float
+    errors: dict[str, float] = field(default_factory=dict)  # module -> relative output error
+
+    @property
+    def mean_error(self) -> float:
+        return sum(self.errors.values()) / max(1, len(self.errors))
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+
+@dataclass
+class QuantReport:
+    layers: list[LayerStats]
+    seconds: float
+    peak_rss_mb: float
+    outputs: dict[str, Path]
+    num_samples: int
+
+    def summary(self) -> str:
+        lines = [f"{'layer':>5}  {'mean rel. err':>13}  {'max rel. err':>12}  {'time s':>7}  {'peak RSS MiB':>12}"]
+        for s in self.layers:
+            lines.append(f"{s.index:>5}  {s.mean_error:>13.3e}  {s.max_error:>12.3e}  {s.seconds:>7.2f}  {s.peak_rss_mb:>12.0f}")
+        lines.append(f"{'all':>5}  {'':>13}  {'':>12}  {self.seconds:>7.2f}  {self.peak_rss_mb:>12.0f}")
+        lines.append("rel. err = tr(dW H dW^T) / tr(W H W^T) per linear on the calibration inputs "
+                     f"({self.num_samples} samples)")
+        for fmt, out in self.outputs.items():
+            lines.append(f"wrote {fmt}: {out}")
+        return "\n".join(lines)
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class _Group:
+    names: list[str]
+    norm: nn.Module | None  # the module whose output is the group's input (a norm with a 1-D weight)
+
+
+def _discover_groups(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict) -> list[_Group]:
+    """Linears of ``layer`` grouped by identical input tensor, in call order."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    produced: list[tuple[nn.Module, torch.Tensor]] = []
+    hooks = []
+    for name, mod in layer.named_modules():
+        if isinstance(mod, nn.Linear):
+            hooks.append(mod.register_forward_pre_hook(lambda m, a, n=name: calls.append((n, a[0]))))
+        elif isinstance(getattr(mod, "weight", None), nn.Parameter) and mod.weight.dim() == 1:
+            hooks.append(mod.register_forward_hook(lambda m, a, o: produced.append((m, o))))
+    try:
+        run_layer(layer, hidden[:1].clone(), kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[tuple[torch.Tensor, _Group]] = []
+    for name, x in calls:
+        full = f"{prefix}.{name}"
+        match = next((g for t, g in groups if t is x), None)
+        if match is None:
+            norm = next((m for m, o in produced if o is x and m.weight.shape[0] == x.shape[-1]), None)
+            groups.append((x, _Group([full], norm)))
+        elif full not in match.names:
+            match.names.append(full)
+    return [g for _, g in groups]
+
+
+def _group_statistics(layer, first: nn.Linear, hidden, kwargs, want_absmax: bool):
+    """Hessian (and per-channel |x| max) of the input of ``first``, stopping the forward there."""
+    state = {"h": None, "n": 0, "absmax": None}
+
+    def hook(_mod, args):
+        x = args[0].detach()
+        state["h"], state["n"] = accumulate_hessian(state["h"], state["n"], x)
+        if want_absmax:
+            m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            state["absmax"] = m if state["absmax"] is None else torch.maximum(state["absmax"], m)
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook)
+    step = max(1, BATCH_TOKENS // hidden.shape[1])
+    try:
+        with torch.no_grad():
+            for s in range(0, hidden.shape[0], step):
+                with contextlib.suppress(_Stop):
+                    layer(hidden[s:s + step], **kwargs)
+    finally:
+        handle.remove()
+    return state["h"], state["absmax"]
+
+
+def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict,
+                   schemes: dict[str, LayerScheme | None], config: QuantConfig) -> tuple[dict[str, QuantResult], dict[str, float]]:
+    """Quantize the linears of one materialised layer in place (weights become their dequantized values)."""
+    modules = dict(layer.named_modules())
+    results: dict[str, QuantResult] = {}
+    errors: dict[str, float] = {}
+    for group in _discover_groups(layer, prefix, hidden, kwargs):
+        todo = [n for n in group.names if schemes.get(n) is not None]
+        if not todo:
+            continue
+        linears = {n: modules[n[len(prefix) + 1:]] for n in todo}
+        smooth = (config.smoothquant is not None and group.norm is not None
+                  and all(schemes[n].scheme == "w8a8" for n in todo) and len(todo) == len(group.names))
+        h, absmax = _group_statistics(layer, linears[todo[0]], hidden, kwargs, smooth)
+        if smooth:
+            s = smoothquant_scales(absmax, [m.weight for m in linears.values()], config.smoothquant)
+            with torch.no_grad():
+                group.norm.weight.div_(s)
+                for m in linears.values():
+                    m.weight.mul_(s)
+            h = h / s.unsqueeze(1) / s.unsqueeze(0)
+        for name, lin in linears.items():
+            w = lin.weight.detach()
+            try:
+                if config.method == "gptq":
+                    res = gptq_quantize(w, h, schemes[name], damp_percent=config.damp_percent,
+                                        block_size=config.block_size, act_order=config.act_order,
+                                        max_damp_retries=config.max_damp_retries)
+                else:
+                    res = rtn_quantize(w, schemes[name])
+            except HessianError as exc:
+                raise HessianError(f"{name}: {exc}") from None
+            errors[name] = layer_output_error(w, res, h)
+            with torch.no_grad():
+                lin.weight.copy_(res.dequantize())
+            results[name] = res
+        del h
+    return results, errors
+
+
+def _layer_export(fmt: str, skeleton: DecoderSkeleton, i: int, layer: nn.Module,
+                  results: dict[str, QuantResult], config: QuantConfig) -> dict[str, torch.Tensor]:
+    prefix = skeleton.layer_name(i)
+    out: dict[str, torch.Tensor] = {}
+    quantized_weights = {f"{n}.weight" for n in results}
+    for key, value in layer.state_dict().items():
+        full = f"{prefix}.{key}"
+        if full in quantized_weights or full not in skeleton.reader.entries:
+            continue
+        out[full] = value.to(skeleton.source_dtype(full))
+    for name, res in results.items():
+        out.update(linear_tensors(fmt, name, res, config.act_order))
+    return out
+
+
+def plan_schemes(skeleton: DecoderSkeleton, config: QuantConfig) -> dict[str, LayerScheme | None]:
+    """The scheme of every decoder-layer linear, checked against its shape before any work."""
+    schemes: dict[str, LayerScheme | None] = {}
+    for i in range(skeleton.num_layers):
+        for name, lin in skeleton.layer_linears(i).items():
+            s = config.scheme_for(name)
+            if s is not None and s.scheme == "w4a16" and s.group_size != -1 and lin.in_features % s.group_size:
+                flag = "--group-size" if s == config.default_scheme else "--override"
+                raise QuantInputError(f"{flag} {s.group_size} does not divide the input size {lin.in_features} of {name}")
+            if s is not None and s.scheme == "w4a16" and lin.in_features % 8:
+                raise QuantInputError(f"{name}: input size {lin.in_features} is not a multiple of 8 (int4 packing)")
+            schemes[name] = s
+    if config.format == "gptq" and any(s is None for s in schemes.values()):
+        raise QuantInputError("--format gptq cannot leave decoder-layer linears unquantized (--ignore)")
+    return schemes
+
+
+def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | Path, config: QuantConfig,
+                        calib: str | Path | None = None, *, force: bool = False, progress: bool = True,
+                        samples: torch.Tensor | None = None) -> QuantReport:
+    """Quantize ``model_dir`` once and write one export per format.
+
+    ``outputs`` maps format -> directory, or is one directory for ``config.format``.
+    ``samples`` (int64 ``[n, seqlen]``) replaces tokenizing ``calib``.
+    """
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    if not isinstance(outputs, dict):
+        outputs = {config.format: Path(outputs)}
+    outputs = {fmt: Path(p) for fmt, p in outputs.items()}
+    for fmt in outputs:
+        config.replace(format=fmt)  # validates the scheme/format pairing
+    reader = ShardReader(model_dir)
+    for out in outputs.values():
+        check_output_dir(out, model_dir, force)
+    skeleton = DecoderSkeleton(model_dir, reader)
+    schemes = plan_schemes(skeleton, config)
+    if samples is None:
+        if calib is None:
+            raise QuantInputError("--calib is required")
+        samples = calibration_samples(calib, load_tokenizer(model_dir), config.num_samples, config.seqlen, config.seed)
+    non_layer_linears = skeleton.non_layer_linears()
+    layer_prefix = skeleton.layers_prefix + "."
+    other_names = [n for n in reader.names() if not n.startswith(layer_prefix)]
+    stats: list[LayerStats] = []
+
+    with contextlib.ExitStack() as stack:
+        tmp = {fmt: stack.enter_context(atomic_output_dir(out, force)) for fmt, out in outputs.items()}
+        writers = {fmt: ShardWriter(d, skeleton.num_layers + 1) for fmt, d in tmp.items()}
+        with reader.open():
+            hidden, layer_kwargs = skeleton.capture_layer_inputs(samples)
+            bar = tqdm(range(skeleton.num_layers), desc="quantize", unit="layer", disable=not progress)
+            for i in bar:
+                t_layer = time.perf_counter()
+                layer = skeleton.load_layer(i)
+                kwargs = layer_kwargs[i]
+                results, errors = quantize_layer(layer, skeleton.layer_name(i), hidden, kwargs, schemes, config)
+                for fmt, writer in writers.items():
+                    writer.write_shard(_layer_export(fmt, skeleton, i, layer, results, config))
+                del results
+                hidden = _propagate(layer, hidden, kwargs)
+                skeleton.unload_layer(i)
+                stats.append(LayerStats(i, time.perf_counter() - t_layer, peak_rss_mb(), errors))
+                bar.set_postfix(err=f"{stats[-1].mean_error:.2e}")
+            del hidden
+            rest = {}
+            for name in other_names:
+                t = reader.read(name)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise QuantInputError(f"{reader.entries[name][0]}: tensor {name} has NaN or Inf values")
+                rest[name] = t
+            for writer in writers.values():
+                writer.write_shard(rest)
+                writer.finish()
+        source_config = json.loads((model_dir / "config.json").read_text())
+        for fmt, d in tmp.items():
+            cfg = dict(source_config)
+            cfg["quantization_config"] = quantization_config(fmt, config, schemes, non_layer_linears)
+            (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            copy_side_files(model_dir, d)
+    return QuantReport(stats, time.perf_counter() - t0, peak_rss_mb(), outputs, int(samples.shape[0]))
+
+
+def _propagate(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The layer's (quantized) output on every sample, written over its input."""
+    step = max(1, BATCH_TOKENS // hidden.shape[1])
+    with torch.no_grad():
+        for s in range(0, hidden.shape[0], step):
+            y = layer(hidden[s:s + step], **kwargs)
+            hidden[s:s + step] = y[0] if isinstance(y, tuple) else y
+    return hidden

@@ -1,0 +1,262 @@
+"""Benchmark: this package's GPTQ toolkit vs llm-compressor, side by side.
+
+    /work/main/.venv/bin/python scripts/bench_quant.py --models tinystories,100m [--models 1b]
+
+For each model and scheme, both tools quantize the *same* calibration token
+windows (drawn once by ``quant.calib``) in their own subprocess; the parent
+records wall time and the child's peak RSS, then evaluates every export with
+the same torch dequantized reference (``quant.evaluate``) on held-out
+TinyStories text. llm-compressor 0.14.0.1 runs from its own virtual
+environment ``.venv-peers/llmcompressor`` (created on first use, torch pinned
+to 2.13.0 through a constraints file; never in the main environment).
+
+``1b`` generates a ~1.1B-parameter random Llama saved as bf16 shards
+(without materialising it) and reports this toolkit's peak RSS as a fraction
+of the checkpoint size; llm-compressor is not run on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PEER_VENV = REPO / ".venv-peers" / "llmcompressor"
+PEER_PINS = ["llmcompressor==0.14.0.1"]
+CONSTRAINTS = "torch==2.13.0\n"
+SHARED = Path(os.environ.get("VLLM_PLUGINS_SHARED", REPO.parent / "shared"))
+
+MODELS = {
+    # name: (how to get it, scheme list)
+    "tinystories": dict(group_size=64),
+    "100m": dict(group_size=128, hidden_size=768, intermediate_size=2048, num_hidden_layers=14,
+                 num_attention_heads=12, num_key_value_heads=4),
+    "1b": dict(group_size=128, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+}
+
+HWM = """
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
+OURS_CHILD = HWM + """
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from quant.config import QuantConfig
+from quant.pipeline import quantize_checkpoint
+model, out, scheme, group, samples = sys.argv[1:6]
+base = hwm()
+samples = torch.load(samples)
+cfg = QuantConfig(scheme=scheme, group_size=int(group), format="compressed-tensors",
+                  num_samples=samples.shape[0], seqlen=samples.shape[1])
+t1 = time.perf_counter()
+report = quantize_checkpoint(model, out, cfg, samples=samples, force=True, progress=False)
+print(report.summary(), file=sys.stderr)
+print("RESULT " + json.dumps({"quant_s": time.perf_counter() - t1, "import_rss_mb": base,
+      "peak_rss_mb": hwm()}))
+"""
+
+LLMC_CHILD = HWM + """
+import json, sys, time, torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+model_dir, out, scheme, group, samples = sys.argv[1:6]
+base = hwm()
+samples = torch.load(samples)
+ds = Dataset.from_dict({"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()})
+t1 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+if scheme == "w4a16":
+    groups = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+              "strategy": "group", "group_size": int(group)}}}
+    recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"], actorder=None, dampening_frac=0.01, block_size=128)
+else:
+    recipe = GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"], dampening_frac=0.01, block_size=128)
+oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=samples.shape[0],
+        max_seq_length=samples.shape[1], shuffle_calibration_samples=False)
+model.save_pretrained(out, save_compressed=True)
+print("RESULT " + json.dumps({"quant_s": time.perf_counter() - t1, "import_rss_mb": base,
+      "peak_rss_mb": hwm()}))
+"""
+
+
+def ensure_peer_venv() -> Path:
+    python = PEER_VENV / "bin" / "python"
+    if python.exists():
+        return python
+    PEER_VENV.parent.mkdir(parents=True, exist_ok=True)
+    constraints = PEER_VENV.parent / "constraints.txt"
+    constraints.write_text(CONSTRAINTS)
+    subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-c", str(constraints), *PEER_PINS], check=True)
+    return python
+
+
+def run_child(python: str, code: str, args: list[str], log: Path, env: dict | None = None) -> dict:
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run([python, "-c", code, *args], stdout=subprocess.PIPE, stderr=f, text=True,
+                              env={**os.environ, **(env or {})}, cwd=REPO)
+    wall = time.perf_counter() - t0
+    with open(log, "a") as f:
+        f.write("\n--- stdout ---\n" + proc.stdout)
+    result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if proc.returncode or result is None:
+        tail = log.read_text()[-1500:]
+        return {"error": f"exit {proc.returncode}: ...{tail}", "wall_s": wall}
+    return {**result, "wall_s": wall}
+
+
+def generate_llama(out: Path, spec: dict) -> Path:
+    """A random Llama saved as bf16 shards, one decoder layer at a time (never the whole model in memory)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from models.tiny import build_tokenizer
+
+    if (out / "config.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(tmp, vocab_size=512)
+    h, inter, n = spec["hidden_size"], spec["intermediate_size"], spec["num_hidden_layers"]
+    heads, kv, vocab = spec["num_attention_heads"], spec["num_key_value_heads"], spec.get("vocab_size", 512)
+    hd = h // heads
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=n, num_attention_heads=heads,
+                      num_key_value_heads=kv, head_dim=hd, vocab_size=vocab, max_position_embeddings=2048,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, dtype="bfloat16")
+    cfg.architectures = ["LlamaForCausalLM"]
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    shards = n + 1
+    index = {}
+    for i in range(n):
+        p = f"model.layers.{i}."
+        t = {p + "self_attn.q_proj.weight": rnd(heads * hd, h), p + "self_attn.k_proj.weight": rnd(kv * hd, h),
+             p + "self_attn.v_proj.weight": rnd(kv * hd, h), p + "self_attn.o_proj.weight": rnd(h, heads * hd),
+             p + "mlp.gate_proj.weight": rnd(inter, h), p + "mlp.up_proj.weight": rnd(inter, h),
+             p + "mlp.down_proj.weight": rnd(h, inter),
+             p + "input_layernorm.weight": (1 + 0.1 * torch.randn(h, generator=g)).to(torch.bfloat16),
+             p + "post_attention_layernorm.weight": (1 + 0.1 * torch.randn(h, generator=g)).to(torch.bfloat16)}
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(t, str(tmp / name), metadata={"format": "pt"})
+        index.update({k: name for k in t})
+    t = {"model.embed_tokens.weight": rnd(vocab, h), "lm_head.weight": rnd(vocab, h),
+         "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    name = f"model-{shards:05d}-of-{shards:05d}.safetensors"
+    save_file(t, str(tmp / name), metadata={"format": "pt"})
+    index.update({k: name for k in t})
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    cfg.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tinystories,100m", help="comma list of tinystories, 100m, 1b")
+    ap.add_argument("--schemes", default="w4a16,w8a8", help="schemes for tinystories (others: w4a16)")
+    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--workdir", default=str(REPO / "runs" / "bench_quant"))
+    ap.add_argument("--no-peers", action="store_true", help="run this toolkit only")
+    args = ap.parse_args()
+
+    import torch
+
+    from quant.calib import calibration_samples, load_tokenizer
+    from quant.evaluate import load_dequantized_model, load_float_model, perplexity, tokenize_text
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    text = (SHARED / "data" / "tinystories_val.txt").read_text()
+    cut = text.index("\n\n", int(len(text) * 0.8))
+    calib = work / "calib.txt"
+    calib.write_text(text[:cut])
+    peer_python = None
+    if not args.no_peers:
+        try:
+            peer_python = str(ensure_peer_venv())
+        except (subprocess.CalledProcessError, OSError) as exc:
+            print(f"llm-compressor unavailable: {exc}")
+    env = {"PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    rows = []
+    for name in args.models.split(","):
+        spec = MODELS[name]
+        if name == "tinystories":
+            model = SHARED / "models" / "TinyStories-656K"
+        else:
+            model = generate_llama(work / f"llama-{name}", spec)
+        schemes = args.schemes.split(",") if name == "tinystories" else ["w4a16"]
+        tok = load_tokenizer(model)
+        samples = calibration_samples(calib, tok, args.num_samples, args.seqlen, 0)
+        samples_path = work / f"samples-{name}.pt"
+        torch.save(samples, samples_path)
+        eval_tokens = tokenize_text(tok, text[cut:])[: args.eval_tokens]
+        fp_ppl = None if name == "1b" else perplexity(load_float_model(model), eval_tokens, seqlen=args.seqlen)
+        for scheme in schemes:
+            group = str(spec["group_size"])
+            tools = [("ours", sys.executable, OURS_CHILD)]
+            if peer_python and name != "1b":
+                tools.append(("llm-compressor", peer_python, LLMC_CHILD))
+            for tool, python, code in tools:
+                out = work / f"{name}-{scheme}-{tool}"
+                print(f"[{name} {scheme}] {tool} ...", flush=True)
+                res = run_child(python, code, [str(model), str(out), scheme, group, str(samples_path)],
+                                work / f"{name}-{scheme}-{tool}.log", env=env if tool == "ours" else None)
+                if "error" not in res and name != "1b":
+                    res["ppl"] = perplexity(load_dequantized_model(out), eval_tokens, seqlen=args.seqlen)
+                rows.append({"model": name, "scheme": scheme, "tool": tool, "fp_ppl": fp_ppl,
+                             "model_mb": dir_bytes(model) / 2**20, **res})
+                print(json.dumps(rows[-1]), flush=True)
+    (work / "results.json").write_text(json.dumps(rows, indent=2))
+    print_table(rows)
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'model':<12}{'scheme':<7}{'tool':<15}{'wall s':>8}{'quant s':>9}{'peak RSS MiB':>13}"
+          f"{'RSS/model':>10}{'ppl':>9}{'fp ppl':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<12}{r['scheme']:<7}{r['tool']:<15} ERROR {r['error'][:300]}")
+            continue
+        ppl = f"{r['ppl']:9.3f}" if "ppl" in r else f"{'-':>9}"
+        fp = f"{r['fp_ppl']:9.3f}" if r.get("fp_ppl") else f"{'-':>9}"
+        print(f"{r['model']:<12}{r['scheme']:<7}{r['tool']:<15}{r['wall_s']:8.1f}{r['quant_s']:9.1f}"
+              f"{r['peak_rss_mb']:13.0f}{r['peak_rss_mb'] / r['model_mb']:10.2f}{ppl}{fp}")
+    print("\nratios (ours / llm-compressor):")
+    by = {(r["model"], r["scheme"], r["tool"]): r for r in rows if "error" not in r}
+    for (m, s, t), r in by.items():
+        peer = by.get((m, s, "llm-compressor"))
+        if t == "ours" and peer:
+            print(f"  {m:<12}{s:<7} wall {r['wall_s'] / peer['wall_s']:.2f}  quant {r['quant_s'] / peer['quant_s']:.2f}"
+                  f"  peak RSS {r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}  ppl {r['ppl'] / peer['ppl']:.4f}")
+    print(textwrap.dedent("""
+        wall s: the whole subprocess (imports included); quant s: model load + calibration + GPTQ + save.
+        RSS/model: peak RSS over the size of the source safetensors. ppl: torch dequantized model on
+        held-out TinyStories text (W8A8 with per-token int8 activations)."""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""lm-eval task YAMLs (``--include_path`` this folder) and their data builders."""

