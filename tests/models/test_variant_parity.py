@@ -9,6 +9,9 @@
    RoPE type is also checked alone in ``test_variant_rope.py``), vLLM
    vs the HF reference in float32: prefill logits within relative error 1e-3
    and identical greedy tokens for 32 steps.
+3. Tensor parallel size 2 on CPU (``VLLM_CPU_OMP_THREADS_BIND='0|1'``, one
+   entry per rank) gives the same greedy tokens as size 1, on the checkpoint
+   with every option on (8 query / 4 KV heads of 16, split 4 + 2 per rank).
 
 All engines run in one subprocess, one after another.
 """
@@ -56,6 +59,8 @@ OPTION_CASES = {
     ),
 }
 
+TP_CASE = "all_options"
+
 # vLLM's longrope chooses the long factors for every position once
 # max_model_len exceeds original_max_position_embeddings; transformers chooses
 # per call by sequence length. Within the original length both use the short ones.
@@ -93,9 +98,12 @@ def results(vllm_jobs, stock_llama, option_models, prompts):
         {**base, "model": str(path), "prompt_logprobs": VOCAB,
          "llm": {"max_logprobs": VOCAB, **CASE_LLM_KWARGS.get(name, {})}}
         for name, path in option_models.items()
+    ] + [
+        {**base, "model": str(option_models[TP_CASE]), "llm": {"tensor_parallel_size": 2},
+         "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}},
     ]
     outs = vllm_jobs(jobs)
-    return {"llama": outs[0], "variant": outs[1], **dict(zip(option_models, outs[2:]))}
+    return {"llama": outs[0], "variant": outs[1], **dict(zip(option_models, outs[2:-1])), "tp2": outs[-1]}
 
 
 def check_logprobs_close(outputs_0, outputs_1, name_0, name_1):
@@ -154,3 +162,9 @@ def test_option_greedy_matches_hf(case, results, option_models, prompts):
     outs = job_outputs(results[case])
     expected = hf_greedy(load_hf(option_models[case]), prompts, MAX_TOKENS)
     assert [o["token_ids"] for o in outs] == expected
+
+
+def test_tp2_greedy_equals_tp1(results):
+    tp1, tp2 = job_outputs(results[TP_CASE]), job_outputs(results["tp2"])
+    assert "world_size=2 rank=1" in results["tp2"]["log"], "TP=2 did not start a second rank"
+    assert [o["token_ids"] for o in tp2] == [o["token_ids"] for o in tp1]
