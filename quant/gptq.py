@@ -109,25 +109,32 @@ def accumulate_hessian(hessian: torch.Tensor | None, nsamples: int, x: torch.Ten
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, max_retries: int = 5) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` in float64, ``λ = damp · mean(diag H)``.
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` computed in float64, ``λ = damp · mean(diag H)``.
 
     On failure the dampening is multiplied by 10 and retried ``max_retries``
-    times, then :class:`HessianError` is raised.
+    times, then :class:`HessianError` is raised. Works in place so that at
+    most two float64 ``[in, in]`` matrices are alive at a time.
     """
-    h = hessian.to(torch.float64)
+    h = hessian.to(torch.float64, copy=True)
     mean_diag = float(torch.diagonal(h).mean())
     if mean_diag <= 0 or not torch.isfinite(h).all():
         raise HessianError("the Hessian has no positive diagonal (all calibration inputs are zero or not finite)")
-    damp = damp_percent
+    damp, applied = damp_percent, 0.0
     for _ in range(max_retries + 1):
-        damped = h.clone()
-        damped.diagonal().add_(damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
+        h.diagonal().add_((damp - applied) * mean_diag)
+        applied = damp
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
+            del h
             inv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if int(info) == 0 and torch.isfinite(upper).all():
                 return upper
+            raise HessianError(f"the inverse Hessian is not positive definite (dampening {damp:g} x mean(diag H)); "
+                               "use more calibration samples or raise --damp-percent")
+        del lower
         damp *= 10
     raise HessianError(f"Cholesky failed even with dampening {damp / 10:g} x mean(diag H); "
                        "use more calibration samples or raise --damp-percent")
@@ -144,12 +151,16 @@ class PreparedHessian:
 
 def prepare_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order: bool = False,
                     max_damp_retries: int = 5) -> PreparedHessian:
-    h = hessian.to(torch.float32).clone()
+    h = hessian.to(torch.float32, copy=True)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(h.shape[0])
-    h = h[perm][:, perm]
-    return PreparedHessian(dead, perm, inverse_cholesky(h, damp_percent, max_damp_retries).to(torch.float32))
+    perm = torch.arange(h.shape[0])
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        h = h[perm][:, perm]
+    upper = inverse_cholesky(h, damp_percent, max_damp_retries)
+    del h
+    return PreparedHessian(dead, perm, upper.to(torch.float32))
 
 
 def gptq_quantize(
