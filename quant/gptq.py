@@ -109,28 +109,58 @@ def accumulate_hessian(hessian: torch.Tensor | None, nsamples: int, x: torch.Ten
 
 
 def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, max_retries: int = 5) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` in float64, ``λ = damp · mean(diag H)``.
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` computed in float64, ``λ = damp · mean(diag H)``.
 
     On failure the dampening is multiplied by 10 and retried ``max_retries``
-    times, then :class:`HessianError` is raised.
+    times, then :class:`HessianError` is raised. Works in place so that at
+    most two float64 ``[in, in]`` matrices are alive at a time.
     """
-    h = hessian.to(torch.float64)
+    h = hessian.to(torch.float64, copy=True)
     mean_diag = float(torch.diagonal(h).mean())
     if mean_diag <= 0 or not torch.isfinite(h).all():
         raise HessianError("the Hessian has no positive diagonal (all calibration inputs are zero or not finite)")
-    damp = damp_percent
+    damp, applied = damp_percent, 0.0
     for _ in range(max_retries + 1):
-        damped = h.clone()
-        damped.diagonal().add_(damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
+        h.diagonal().add_((damp - applied) * mean_diag)
+        applied = damp
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
+            del h
             inv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if int(info) == 0 and torch.isfinite(upper).all():
                 return upper
+            raise HessianError(f"the inverse Hessian is not positive definite (dampening {damp:g} x mean(diag H)); "
+                               "use more calibration samples or raise --damp-percent")
+        del lower
         damp *= 10
     raise HessianError(f"Cholesky failed even with dampening {damp / 10:g} x mean(diag H); "
                        "use more calibration samples or raise --damp-percent")
+
+
+@dataclass
+class PreparedHessian:
+    """What GPTQ needs from a Hessian: dead inputs, column order and the upper Cholesky factor of H⁻¹."""
+
+    dead: torch.Tensor  # bool [in]
+    perm: torch.Tensor  # processing order of the columns
+    hinv: torch.Tensor  # float32 [in, in], rows/columns in ``perm`` order
+
+
+def prepare_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order: bool = False,
+                    max_damp_retries: int = 5) -> PreparedHessian:
+    h = hessian.to(torch.float32, copy=True)
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    perm = torch.arange(h.shape[0])
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        h = h[perm][:, perm]
+    upper = inverse_cholesky(h, damp_percent, max_damp_retries)
+    del h
+    return PreparedHessian(dead, perm, upper.to(torch.float32))
 
 
 def gptq_quantize(
@@ -142,19 +172,21 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     max_damp_retries: int = 5,
+    prepared: "PreparedHessian | None" = None,
 ) -> QuantResult:
     """GPTQ of one linear weight ``[out, in]`` given the Hessian ``[in, in]`` of its inputs.
 
     ``act_order`` processes columns by decreasing ``diag(H)`` with *static*
     groups: scales are fixed from the unmodified weight beforehand, so
-    ``g_idx[i] = i // group_size`` stays the natural order.
+    ``g_idx[i] = i // group_size`` stays the natural order. ``prepared``
+    (from :func:`prepare_hessian`) shares one inverse among linears fed the same input.
     """
     w = weight.to(torch.float32).clone()
     out_f, in_f = w.shape
     check_group_size(in_f, scheme, "the weight")
-    h = hessian.to(torch.float32).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
+    if prepared is None:
+        prepared = prepare_hessian(hessian, damp_percent, act_order, max_damp_retries)
+    dead, perm, hinv = prepared.dead, prepared.perm, prepared.hinv
     w[:, dead] = 0
 
     n_groups = scheme.n_groups(in_f)
@@ -166,12 +198,8 @@ def gptq_quantize(
         for g in range(n_groups):
             scales[:, g] = compute_scales(w[:, g * gsize:(g + 1) * gsize], scheme)
 
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(in_f)
     w = w[:, perm]
-    h = h[perm][:, perm]
     col_group = g_idx[perm].long()
-    hinv = inverse_cholesky(h, damp_percent, max_damp_retries).to(torch.float32)
-    del h
 
     # A group must not straddle two lazy blocks when its scale is computed in-block.
     if not static and block_size % gsize:
@@ -208,12 +236,12 @@ def gptq_quantize(
 
 def layer_output_error(weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor) -> float:
     """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``: relative output MSE of the quantized linear on the calibration inputs."""
-    w = weight.to(torch.float64)
-    h = hessian.to(torch.float64)
-    d = w - result.dequantize(torch.float64)
-    num = torch.einsum("oi,ij,oj->", d, h, d)
-    den = torch.einsum("oi,ij,oj->", w, h, w)
-    return float(num / den) if float(den) > 0 else 0.0
+    w = weight.to(torch.float32)
+    h = hessian.to(torch.float32)
+    d = w - result.dequantize(torch.float32)
+    num = float(((d @ h) * d).sum(dtype=torch.float64))
+    den = float(((w @ h) * w).sum(dtype=torch.float64))
+    return num / den if den > 0 else 0.0
 
 
 def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:

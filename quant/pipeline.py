@@ -12,6 +12,7 @@ are written to one shard per format, and the layer goes back to ``meta``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import resource
 import time
@@ -28,10 +29,18 @@ from quant.config import LayerScheme, QuantConfig
 from quant.errors import QuantInputError
 from quant.export import linear_tensors, quantization_config
 from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize, layer_output_error,
-                        rtn_quantize, smoothquant_scales)
+                        prepare_hessian, rtn_quantize, smoothquant_scales)
 from quant.model import DecoderSkeleton, run_layer
 
 BATCH_TOKENS = 4096
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS creeps up per layer)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_rss_mb() -> float:
@@ -164,22 +173,24 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                 for m in linears.values():
                     m.weight.mul_(s)
             h = h / s.unsqueeze(1) / s.unsqueeze(0)
+        prepared = None
+        if config.method == "gptq":
+            try:  # one inverse Hessian for every linear of the group
+                prepared = prepare_hessian(h, config.damp_percent, config.act_order, config.max_damp_retries)
+            except HessianError as exc:
+                raise HessianError(f"{', '.join(todo)}: {exc}") from None
         for name, lin in linears.items():
             w = lin.weight.detach()
-            try:
-                if config.method == "gptq":
-                    res = gptq_quantize(w, h, schemes[name], damp_percent=config.damp_percent,
-                                        block_size=config.block_size, act_order=config.act_order,
-                                        max_damp_retries=config.max_damp_retries)
-                else:
-                    res = rtn_quantize(w, schemes[name])
-            except HessianError as exc:
-                raise HessianError(f"{name}: {exc}") from None
+            if config.method == "gptq":
+                res = gptq_quantize(w, h, schemes[name], damp_percent=config.damp_percent,
+                                    block_size=config.block_size, act_order=config.act_order, prepared=prepared)
+            else:
+                res = rtn_quantize(w, schemes[name])
             errors[name] = layer_output_error(w, res, h)
             with torch.no_grad():
                 lin.weight.copy_(res.dequantize())
             results[name] = res
-        del h
+        del h, prepared
     return results, errors
 
 
@@ -260,6 +271,7 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
                 del results
                 hidden = _propagate(layer, hidden, kwargs)
                 skeleton.unload_layer(i)
+                _release_freed_memory()
                 stats.append(LayerStats(i, time.perf_counter() - t_layer, peak_rss_mb(), errors))
                 bar.set_postfix(err=f"{stats[-1].mean_error:.2e}")
             del hidden

@@ -100,6 +100,9 @@ def test_existing_output_needs_force(capsys, source, tmp_path, calib):
     rc = main(["quantize", "--model", str(source), "--out", str(out), "--calib", str(calib),
                "--num-samples", "4", "--seqlen", "64", "--no-progress", "--force"])
     assert rc == 0
+    summary = capsys.readouterr().out  # the closing table: one row per decoder layer, then the total
+    assert "mean rel. err" in summary and "peak RSS MiB" in summary
+    assert [line.split()[0] for line in summary.splitlines()[1:4]] == ["0", "1", "all"]
     assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
 
 

@@ -66,8 +66,10 @@ def test_gptq_matches_float64_reference(scheme):
     h = 2 * x.t() @ x / x.shape[0]
     res = gptq_quantize(w.float(), h.float(), scheme, block_size=32)
     q_ref, s_ref = _reference_gptq(w, h, scheme)
-    torch.testing.assert_close(res.scales.double(), s_ref, rtol=0, atol=0) if scheme.bits == 4 else \
-        torch.testing.assert_close(res.scales.double(), s_ref, rtol=1e-6, atol=0)
+    # fp16 scales of the first group come from untouched weights: identical; later ones see float32 updates.
+    torch.testing.assert_close(res.scales.double(), s_ref, rtol=2e-3, atol=0)
+    if scheme.bits == 4:
+        assert torch.equal(res.scales[:, 0].double(), s_ref[:, 0])
     mismatch = (res.q.double() != q_ref).double().mean().item()
     assert mismatch < 0.005, f"{mismatch:.2%} of the integers differ from the float64 reference"
     err = _output_error(w, res.dequantize(torch.float64), x)
