@@ -21,12 +21,12 @@ W4A16 = {"quant_method": "vllm_plugins", "format_version": 1, "scheme": "w4a16",
          "act_order": True, "ignore": ["lm_head"]}
 W8A8 = {"quant_method": "vllm_plugins", "format_version": 1, "scheme": "w8a8", "ignore": ["lm_head"]}
 # id -> (source, how it is exported). The random Llama goes through this test's
-# own RTN exporter; TinyStories-656K through ``vllm-plugins quantize`` (GPTQ).
+# own RTN exporter; TinyStories-656K through ``vllm-plugins quantize``.
 EXPORTS = {
     "llama-w4a16": ("tiny", W4A16),
     "llama-w8a8": ("tiny", W8A8),
-    "tinystories-w4a16": ("tinystories", ["--scheme", "w4a16", "--group-size", "32"]),
-    "tinystories-w8a8": ("tinystories", ["--scheme", "w8a8"]),
+    "tinystories-w4a16": ("tinystories", ["--scheme", "w4a16", "--group-size", "32", "--method", "gptq"]),
+    "tinystories-w8a8": ("tinystories", ["--scheme", "w8a8", "--method", "rtn"]),
 }
 # TinyStories-656K has head size 16: served through the LLaMA variant, which pads it.
 VARIANT = ("--hf-overrides", json.dumps({"architectures": ["LlamaVariantForCausalLM"]}))
@@ -37,7 +37,7 @@ MAX_TOKENS = 12
 def _toolkit_export(src, out, shared_dir, args) -> tuple[dict, dict]:
     from vllm_plugins.cli import main
 
-    assert main(["quantize", "--model", str(src), "--out", str(out), "--format", "native", "--method", "gptq",
+    assert main(["quantize", "--model", str(src), "--out", str(out), "--format", "native",
                  "--calib", str(shared_dir / "data" / "tinystories_val.txt"), "--num-samples", "16",
                  "--seqlen", "128", "--no-progress", *args]) == 0
     return read_native(out)  # the test's own reader of the contract
