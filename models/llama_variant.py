@@ -30,7 +30,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.rotary_embedding import DeepseekScalingRotaryEmbedding, get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
@@ -51,10 +51,23 @@ from vllm.model_executor.models.utils import (
     maybe_prefix,
     spec_decode_needs_target_embed,
 )
+from vllm.logger import init_logger
 from vllm.sequence import IntermediateTensors
 
 from models.head_padding import attention_head_size, pad_heads, unpad_heads
 from models.llama_variant_config import HIDDEN_ACTS, head_dim, rope_parameters
+
+logger = init_logger("vllm.plugins.vllm_plugins.models")
+
+
+def apply_rope(rotary_emb: nn.Module, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on ``[tokens, heads * head_dim]`` q and k with any ``get_rope`` module
+    (vLLM's DeepSeek YaRN module wants ``[tokens, heads, head_dim]``)."""
+    if isinstance(rotary_emb, DeepseekScalingRotaryEmbedding):
+        q3, k3 = rotary_emb(positions, q.view(q.shape[0], -1, head_dim), k.view(k.shape[0], -1, head_dim))
+        return q3.reshape(q.shape), k3.reshape(k.shape)
+    return rotary_emb(positions, q, k)
 
 
 def _act_and_mul(hidden_act: str) -> nn.Module:
@@ -161,6 +174,11 @@ class LlamaVariantAttention(nn.Module):
         self.attn_head_size, backend = attention_head_size(
             self.head_dim, torch.get_default_dtype(), kv_cache_dtype
         )
+        if self.attn_head_size != self.head_dim:
+            logger.info_once(
+                "LlamaVariant: head size %d runs attention at %d (zero-padded) on %s",
+                self.head_dim, self.attn_head_size, backend.get_name(),
+            )
         self.attn = Attention(
             self.num_heads,
             self.attn_head_size,
@@ -181,7 +199,7 @@ class LlamaVariantAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm:
             q, k = self._norm_heads(q, self.q_norm), self._norm_heads(k, self.k_norm)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = apply_rope(self.rotary_emb, positions, q, k, self.head_dim)
         d, p = self.head_dim, self.attn_head_size
         attn_output = self.attn(pad_heads(q, d, p), pad_heads(k, d, p), pad_heads(v, d, p))
         output, _ = self.o_proj(unpad_heads(attn_output, d, p))

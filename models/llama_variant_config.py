@@ -26,10 +26,15 @@ ARCHITECTURE = "LlamaVariantForCausalLM"
 # Gated activations: hidden_act -> what multiplies the up projection.
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 
-# rope_type values the variant accepts: those of vLLM's get_rope that apply to
-# a decoder over 1-D positions and have a transformers reference (the HF model
-# uses transformers' ROPE_INIT_FUNCTIONS for all but "default").
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+# rope_type values the variant accepts: every type of vLLM's get_rope that
+# applies to a decoder over 1-D positions ("dynamic" by "factor" or "alpha",
+# "ntk" fixed or with "mixed_b"). Not accepted: the multimodal / M-RoPE types
+# (mrope sections, mllama4, bailing_mrope, openpangu), Gemma 4's
+# "proportional", Fourier RoPE and dual-chunk attention.
+ROPE_TYPES = (
+    "default", "linear", "dynamic", "yarn", "longrope", "llama3",
+    "ntk", "deepseek_yarn", "deepseek_llama_scaling",
+)
 
 
 @strict(accept_kwargs=True)
@@ -38,6 +43,19 @@ class LlamaVariantConfig(LlamaConfig):
 
     qk_norm: bool = False
     partial_rotary_factor: float = 1.0
+
+    # transformers has no validators for these vLLM RoPE types; checked here.
+    def _validate_ntk_rope_parameters(self, rope_parameters, ignore_keys=None):
+        _require(rope_parameters, "factor")
+
+    def _validate_deepseek_yarn_rope_parameters(self, rope_parameters, ignore_keys=None):
+        _require(rope_parameters, "factor", "original_max_position_embeddings")
+
+    _validate_deepseek_llama_scaling_rope_parameters = _validate_deepseek_yarn_rope_parameters
+
+    def _validate_dynamic_rope_parameters(self, rope_parameters, ignore_keys=None):
+        if "alpha" not in rope_parameters:
+            super()._validate_dynamic_rope_parameters(rope_parameters, ignore_keys=ignore_keys)
 
     def validate_architecture(self):
         """Checks the variant's options; the head size need not divide hidden_size."""
@@ -58,6 +76,12 @@ class LlamaVariantConfig(LlamaConfig):
         rope_type = rope_parameters(self).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"llama_variant: rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
+
+
+def _require(params: dict, *keys: str) -> None:
+    missing = [k for k in keys if k not in params]
+    if missing:
+        raise ValueError(f"llama_variant: rope_type {params.get('rope_type')!r} needs {missing}")
 
 
 def rope_parameters(config) -> dict:

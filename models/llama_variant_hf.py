@@ -30,21 +30,28 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
-from models.llama_variant_config import LlamaVariantConfig, rope_parameters, rotary_dim
+from models.llama_variant_config import LlamaVariantConfig, rotary_dim
+from models.rope_reference import default_rope, reference_rope_type, rope_init_fn
 
 
 class LlamaVariantRotaryEmbedding(LlamaRotaryEmbedding):
-    """Llama's rotary embedding, over ``rotary_dim`` dims for the default type too.
+    """Llama's rotary embedding over ``rotary_dim`` dims, for every RoPE type of
+    :mod:`models.rope_reference` (transformers' own where it has one)."""
 
-    (transformers' other RoPE types already honour ``partial_rotary_factor``.)
-    """
+    def __init__(self, config: LlamaVariantConfig):
+        nn.Module.__init__(self)
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = reference_rope_type(config)
+        inv_freq, self.attention_scaling = self.compute_rope_parameters(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
-    @staticmethod
-    def compute_default_rope_parameters(config, **kwargs) -> tuple[torch.Tensor, float]:
-        base = rope_parameters(config)["rope_theta"]
-        dim = rotary_dim(config)
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        return inv_freq, 1.0
+    def compute_rope_parameters(self, config) -> tuple[torch.Tensor, float]:
+        return rope_init_fn(self.rope_type)(config)
+
+    compute_default_rope_parameters = staticmethod(default_rope)
 
 
 class LlamaVariantAttention(LlamaAttention):
@@ -112,6 +119,15 @@ class LlamaVariantPreTrainedModel(LlamaPreTrainedModel):
         "hidden_states": LlamaVariantDecoderLayer,
         "attentions": LlamaVariantAttention,
     }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, LlamaVariantRotaryEmbedding):
+            inv_freq, _ = module.compute_rope_parameters(module.config)
+            module.inv_freq.copy_(inv_freq)
+            module.original_inv_freq.copy_(inv_freq)
+            return
+        super()._init_weights(module)
 
 
 class LlamaVariantModel(LlamaVariantPreTrainedModel):

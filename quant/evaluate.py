@@ -78,13 +78,14 @@ def load_dequantized_model(export_dir: str | Path, dtype=torch.float32, act_quan
     With ``act_quant`` the inputs of w8a8 linears are fake-quantized per token
     to int8, as at serving time.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from quant.model import load_hf_config
 
     export_dir = Path(export_dir)
     raw = json.loads((export_dir / "config.json").read_text())
     raw.pop("quantization_config", None)
-    config_cls = type(AutoConfig.from_pretrained(str(export_dir)))
-    config = config_cls.from_dict(raw)
+    config = type(load_hf_config(export_dir)).from_dict(raw)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in dequantized_state_dict(export_dir).items()}
@@ -119,6 +120,10 @@ def _reinit_meta_buffers(model) -> None:
 
 def load_float_model(model_dir: str | Path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
+
+    from quant.model import load_hf_config
+
+    load_hf_config(Path(model_dir))  # registers the package's own model types
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
 

@@ -41,6 +41,18 @@ class _Catcher(nn.Module):
         raise _Captured
 
 
+class _Recorder(nn.Module):
+    """Stands in for any layer: records its keyword arguments and passes hidden states through."""
+
+    def __init__(self):
+        super().__init__()
+        self.kwargs: dict | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.kwargs = kwargs
+        return hidden_states
+
+
 def load_hf_config(model_dir: Path):
     from transformers import AutoConfig
 
@@ -152,35 +164,44 @@ class DecoderSkeleton:
             tensors[key] = t
         module.load_state_dict(tensors, strict=False)
 
-    def capture_layer_inputs(self, samples: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def capture_layer_inputs(self, samples: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
         """Run embeddings (and whatever the base model does before layer 0) on ``samples``.
 
-        Returns hidden states float32 ``[n, seqlen, hidden]`` and the keyword
-        arguments the base model passes to every decoder layer.
+        Returns hidden states float32 ``[n, seqlen, hidden]`` and, for each
+        decoder layer, the keyword arguments the base model passes to it
+        (masks may differ per layer, e.g. sliding-window layers).
         """
         children = [(n, m) for n, m in self.base.named_children() if n != self.layers_attr]
         for name, child in children:
             self._materialise(child, f"{self.base_prefix}.{name}" if self.base_prefix else name)
+        originals = list(self.layers)
         catcher = _Catcher()
-        first = self.layers[0]
-        self.layers[0] = catcher
+        recorders = [_Recorder() for _ in originals]
         try:
             with torch.no_grad():
+                for i, r in enumerate(recorders):
+                    self.layers[i] = r
+                self.base(input_ids=samples[:1], use_cache=False)
+                self.layers[0] = catcher
                 for row in samples:
                     try:
                         self.base(input_ids=row.unsqueeze(0), use_cache=False)
                     except _Captured:
                         pass
         finally:
-            self.layers[0] = first
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
             for _, child in children:
                 child.to("meta")
-        if catcher.kwargs is None:
-            raise QuantInputError(f"{self.dir / 'config.json'}: the model never called its first decoder layer")
+        if catcher.kwargs is None or any(r.kwargs is None for r in recorders):
+            raise QuantInputError(f"{self.dir / 'config.json'}: the model did not call every decoder layer once")
         hidden = torch.cat(catcher.hidden).to(torch.float32)
-        kwargs = {k: v for k, v in catcher.kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        kwargs["use_cache"] = False
-        return hidden, kwargs
+        per_layer = []
+        for r in recorders:
+            kwargs = {k: v for k, v in r.kwargs.items() if k not in ("past_key_values", "past_key_value")}
+            kwargs["use_cache"] = False
+            per_layer.append(kwargs)
+        return hidden, per_layer
 
     def load_layer(self, i: int) -> nn.Module:
         layer = self.layers[i]

@@ -35,6 +35,14 @@ BATCH_TOKENS = 4096
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM; ru_maxrss would include a parent's peak before exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -240,11 +248,12 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
         tmp = {fmt: stack.enter_context(atomic_output_dir(out, force)) for fmt, out in outputs.items()}
         writers = {fmt: ShardWriter(d, skeleton.num_layers + 1) for fmt, d in tmp.items()}
         with reader.open():
-            hidden, kwargs = skeleton.capture_layer_inputs(samples)
+            hidden, layer_kwargs = skeleton.capture_layer_inputs(samples)
             bar = tqdm(range(skeleton.num_layers), desc="quantize", unit="layer", disable=not progress)
             for i in bar:
                 t_layer = time.perf_counter()
                 layer = skeleton.load_layer(i)
+                kwargs = layer_kwargs[i]
                 results, errors = quantize_layer(layer, skeleton.layer_name(i), hidden, kwargs, schemes, config)
                 for fmt, writer in writers.items():
                     writer.write_shard(_layer_export(fmt, skeleton, i, layer, results, config))

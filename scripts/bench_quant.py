@@ -41,13 +41,20 @@ MODELS = {
                num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
 }
 
-OURS_CHILD = """
-import json, resource, sys, time, torch
-t0 = time.perf_counter()
+HWM = """
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
+OURS_CHILD = HWM + """
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from quant.config import QuantConfig
 from quant.pipeline import quantize_checkpoint
 model, out, scheme, group, samples = sys.argv[1:6]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base = hwm()
 samples = torch.load(samples)
 cfg = QuantConfig(scheme=scheme, group_size=int(group), format="compressed-tensors",
                   num_samples=samples.shape[0], seqlen=samples.shape[1])
@@ -55,18 +62,17 @@ t1 = time.perf_counter()
 report = quantize_checkpoint(model, out, cfg, samples=samples, force=True, progress=False)
 print(report.summary(), file=sys.stderr)
 print("RESULT " + json.dumps({"quant_s": time.perf_counter() - t1, "import_rss_mb": base,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+      "peak_rss_mb": hwm()}))
 """
 
-LLMC_CHILD = """
-import json, resource, sys, time, torch
-t0 = time.perf_counter()
+LLMC_CHILD = HWM + """
+import json, sys, time, torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 model_dir, out, scheme, group, samples = sys.argv[1:6]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base = hwm()
 samples = torch.load(samples)
 ds = Dataset.from_dict({"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()})
 t1 = time.perf_counter()
@@ -81,7 +87,7 @@ oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=samples.
         max_seq_length=samples.shape[1], shuffle_calibration_samples=False)
 model.save_pretrained(out, save_compressed=True)
 print("RESULT " + json.dumps({"quant_s": time.perf_counter() - t1, "import_rss_mb": base,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+      "peak_rss_mb": hwm()}))
 """
 
 
@@ -103,6 +109,8 @@ def run_child(python: str, code: str, args: list[str], log: Path, env: dict | No
         proc = subprocess.run([python, "-c", code, *args], stdout=subprocess.PIPE, stderr=f, text=True,
                               env={**os.environ, **(env or {})}, cwd=REPO)
     wall = time.perf_counter() - t0
+    with open(log, "a") as f:
+        f.write("\n--- stdout ---\n" + proc.stdout)
     result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
     if proc.returncode or result is None:
         tail = log.read_text()[-1500:]

@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "models.demo",
     "quant.cli",
     "vllm_plugins.evaluation.cli",
+    "eagle.cli",
 ]
 
 

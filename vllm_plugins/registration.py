@@ -15,6 +15,8 @@ logger = init_logger("vllm.plugins.vllm_plugins")
 # vLLM architecture name -> "module:Class", imported by vLLM only when used.
 MODELS: dict[str, str] = {
     "LlamaVariantForCausalLM": "models.llama_variant:LlamaVariantForCausalLM",
+    "Eagle3MultimodalLlamaForCausalLM": "eagle.drafter:Eagle3MultimodalLlamaForCausalLM",
+    "TinyLlavaForConditionalGeneration": "eagle.vlm_target:TinyLlavaForConditionalGeneration",
 }
 
 # HF ``model_type`` -> ("module:ConfigClass", "module:ModelClass" or None),

@@ -21,7 +21,8 @@ REPO_ROOT = HERE.parents[1]
 
 @pytest.fixture(scope="session")
 def vllm_jobs(tmp_path_factory):
-    """``vllm_jobs(jobs, timeout=900) -> list[dict]``: see ``vllm_jobs.py``."""
+    """``vllm_jobs(jobs, timeout=900) -> list[dict]``: see ``vllm_jobs.py``;
+    each result also carries ``"log"``, the subprocess's output."""
 
     def run(jobs: list[dict], timeout: float = 900.0) -> list[dict]:
         work = tmp_path_factory.mktemp("vllm-jobs")
@@ -34,15 +35,14 @@ def vllm_jobs(tmp_path_factory):
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         proc = subprocess.run(
             [sys.executable, str(HERE / "vllm_jobs.py"), str(jobs_path), str(out_path)],
-            env=env, capture_output=True, text=True, timeout=timeout,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
         )
         assert proc.returncode == 0 and out_path.exists(), (
-            f"vllm_jobs.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+            f"vllm_jobs.py failed ({proc.returncode}):\n{proc.stdout[-8000:]}"
         )
         results = json.loads(out_path.read_text())
-        for job, result in zip(jobs, results):
-            if "error" in result:
-                result["log"] = proc.stderr[-4000:]
+        for result in results:
+            result["log"] = proc.stdout  # the whole subprocess's log, shared by its jobs
         return results
 
     return run

@@ -5,9 +5,13 @@
    prompts of different lengths in one batch: top-k logprobs close in the
    manner of vLLM's ``check_logprobs_close`` and identical greedy tokens.
 2. Each option on (every option appears in at least one checkpoint; each
-   checkpoint also uses one RoPE type, and all are padded head sizes), vLLM
+   checkpoint also uses one RoPE type, and all are padded head sizes; every
+   RoPE type is also checked alone in ``test_variant_rope.py``), vLLM
    vs the HF reference in float32: prefill logits within relative error 1e-3
    and identical greedy tokens for 32 steps.
+3. Tensor parallel size 2 on CPU (``VLLM_CPU_OMP_THREADS_BIND='0|1'``, one
+   entry per rank) gives the same greedy tokens as size 1, on the checkpoint
+   with every option on (8 query / 4 KV heads of 16, split 4 + 2 per rank).
 
 All engines run in one subprocess, one after another.
 """
@@ -43,16 +47,19 @@ OPTION_CASES = {
                       "short_factor": [1.0 + 0.25 * i for i in range(8)],
                       "long_factor": [2.0 + 0.5 * i for i in range(8)]},
     ),
-    "head_dim_40+rope_dynamic+tied": dict(
+    "head_dim_40+rope_dynamic_alpha+tied": dict(
         hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=40,
-        tie_word_embeddings=True, rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+        tie_word_embeddings=True, rope_scaling={"rope_type": "dynamic", "alpha": 4.0},
     ),
     "all_options": dict(
         qk_norm=True, partial_rotary_factor=0.5, hidden_act="gelu_pytorch_tanh",
         attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128},
+        rope_scaling={"rope_type": "deepseek_yarn", "factor": 2.0, "original_max_position_embeddings": 128,
+                      "mscale": 1.0, "mscale_all_dim": 0.5},
     ),
 }
+
+TP_CASE = "all_options"
 
 # vLLM's longrope chooses the long factors for every position once
 # max_model_len exceeds original_max_position_embeddings; transformers chooses
@@ -91,9 +98,12 @@ def results(vllm_jobs, stock_llama, option_models, prompts):
         {**base, "model": str(path), "prompt_logprobs": VOCAB,
          "llm": {"max_logprobs": VOCAB, **CASE_LLM_KWARGS.get(name, {})}}
         for name, path in option_models.items()
+    ] + [
+        {**base, "model": str(option_models[TP_CASE]), "llm": {"tensor_parallel_size": 2},
+         "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}},
     ]
     outs = vllm_jobs(jobs)
-    return {"llama": outs[0], "variant": outs[1], **dict(zip(option_models, outs[2:]))}
+    return {"llama": outs[0], "variant": outs[1], **dict(zip(option_models, outs[2:-1])), "tp2": outs[-1]}
 
 
 def check_logprobs_close(outputs_0, outputs_1, name_0, name_1):
@@ -152,3 +162,9 @@ def test_option_greedy_matches_hf(case, results, option_models, prompts):
     outs = job_outputs(results[case])
     expected = hf_greedy(load_hf(option_models[case]), prompts, MAX_TOKENS)
     assert [o["token_ids"] for o in outs] == expected
+
+
+def test_tp2_greedy_equals_tp1(results):
+    tp1, tp2 = job_outputs(results[TP_CASE]), job_outputs(results["tp2"])
+    assert "world_size=2 rank=1" in results["tp2"]["log"], "TP=2 did not start a second rank"
+    assert [o["token_ids"] for o in tp2] == [o["token_ids"] for o in tp1]

@@ -45,5 +45,5 @@ def hf_logprobs(model, ids: list[int]):
 
 
 def job_outputs(result: dict) -> list[dict]:
-    assert "error" not in result, f"{result['error']}\n{result.get('log', '')}"
+    assert "error" not in result, f"{result['error']}\n{result.get('log', '')[-4000:]}"
     return result["outputs"]

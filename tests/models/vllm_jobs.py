@@ -3,10 +3,11 @@
 ``python vllm_jobs.py JOBS.json OUT.json``. Each job is
 ``{"model": dir, "llm": {LLM kwargs}, "prompts": [[token ids], ...],
 "max_tokens": int, "logprobs": int|null, "prompt_logprobs": int|null,
-"env": {variables set before the engine starts}}``.
+"env": {variables set before the engine starts}, "metrics": bool}``.
 Engines are started one after another in this process (the imports and the
 plugin registration are paid once), each shut down before the next. The
-result per job is ``{"outputs": [{"token_ids", "logprobs", "prompt_logprobs"}]}``
+result per job is ``{"outputs": [{"token_ids", "logprobs", "prompt_logprobs"}],
+"metrics": {counter or gauge name: value}}``
 with logprobs as ``[{token_id: logprob}]`` per position, or ``{"error": str}``.
 Used by the tests in this folder, which compare against HF transformers.
 """
@@ -32,6 +33,8 @@ def run_job(job: dict) -> dict:
     os.environ.update(job.get("env", {}))
     kwargs = {"dtype": "float32", "enforce_eager": True, "max_model_len": 512, "max_num_seqs": 8, "seed": 0}
     kwargs.update(job.get("llm", {}))
+    if job.get("metrics"):
+        kwargs["disable_log_stats"] = False  # llm.get_metrics() then has the counters
     if kwargs.get("tensor_parallel_size", 1) == 1:
         kwargs.setdefault("distributed_executor_backend", "uni")  # no worker process
     llm = LLM(job["model"], **kwargs)
@@ -44,7 +47,11 @@ def run_job(job: dict) -> dict:
             prompt_logprobs=job.get("prompt_logprobs"),
         )
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params)
+        metrics = {}
+        if job.get("metrics"):
+            metrics = {m.name: m.value for m in llm.get_metrics() if isinstance(getattr(m, "value", None), (int, float))}
         return {
+            "metrics": metrics,
             "outputs": [
                 {
                     "token_ids": list(o.outputs[0].token_ids),

@@ -30,7 +30,7 @@ RUNS = {  # name -> (config, formats)
         scheme="w8a8", smoothquant=0.5, ignore=("lm_head", "model.layers.0.self_attn.o_proj"),
         overrides={"model.layers.1.mlp.*": {"scheme": "w4a16", "group_size": 64}}), ("native", "compressed-tensors")),
 }
-NUM_SAMPLES, SEQLEN, EVAL_TOKENS = 32, 256, 16384
+NUM_SAMPLES, SEQLEN, EVAL_TOKENS = 128, 256, 65536
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,9 @@ def test_perplexity_gptq_beats_rtn(runs, model_dir, data):
     for name, value in ppl.items():
         print(f"  {name:<32} {value:8.3f}")
     assert ppl["w4a16-g64-gptq"] < ppl["w4a16-g64-rtn"]
-    assert ppl["w8a8-gptq (weights only)"] < ppl["w8a8-rtn (weights only)"]
+    # W8A8 as served (per-token int8 activations). The GPTQ/RTN gap is small for int8 weights
+    # (about 0.05% here), so this comparison uses every held-out token and 128 samples.
+    assert ppl["w8a8-gptq"] < ppl["w8a8-rtn"]
     assert ppl["w4a16-g64-gptq"] < 1.15 * ppl["fp32"]
     assert ppl["w8a8-gptq"] < 1.02 * ppl["fp32"]
     assert ppl["mixed-smoothquant"] < 1.10 * ppl["fp32"]  # SmoothQuant folded into the norms keeps the function

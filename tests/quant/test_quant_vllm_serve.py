@@ -5,9 +5,10 @@
   dequantized, activations fake-quantized per token to int8).
 - W4A16 ``gptq`` and ``compressed-tensors``, with this package's plugin
   excluded (``VLLM_PLUGINS=none``): vLLM's own weight loaders accept the
-  checkpoint and the engine then stops at the AVX2 build's missing int4 op
-  ``cpu_gemm_wna16``; the test asserts exactly that. The plugin's own CPU
-  int4 path is tested with the serving methods, not here.
+  checkpoint; on an AVX2-only CPU the engine then stops at the AVX2 build's
+  missing int4 op ``cpu_gemm_wna16`` (asserted exactly), on an AVX-512 CPU
+  vLLM's CPUWNA16 kernel runs and must give the reference's greedy tokens.
+  The plugin's own CPU int4 path is tested with the serving methods.
 """
 
 from __future__ import annotations
@@ -76,20 +77,48 @@ def test_w8a8_compressed_tensors_serves_same_greedy_tokens(exports):
     assert got == expected
 
 
+BF16_LOGIT_TOL = 0.3  # bf16 activations: near-ties between the top logits may flip
+
+
+def _assert_greedy_under_reference(export_dir, generated: list[list[int]]) -> None:
+    """Every token vLLM chose (bf16) is the float32 torch reference's argmax up to ``BF16_LOGIT_TOL``."""
+    model = load_dequantized_model(export_dir)
+    for prompt, tokens in zip(PROMPTS, generated):
+        assert len(tokens) == MAX_TOKENS
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+        gaps = logits.max(dim=-1).values - logits[torch.arange(len(tokens)), torch.tensor(tokens)]
+        assert float(gaps.max()) <= BF16_LOGIT_TOL, (tokens, gaps.tolist())
+
+
+def _complete(server, prompt, max_tokens):
+    """(status, token ids or None); status None when the engine died with the connection open."""
+    try:
+        r = requests.post(server.url("/v1/completions"), timeout=300, json={
+            "model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True})
+    except requests.RequestException:
+        return None, None
+    return r.status_code, (r.json()["choices"][0]["token_ids"] if r.status_code == 200 else None)
+
+
 @pytest.mark.parametrize("name", ["w4-gptq", "w4-ct"])
-def test_w4a16_in_tree_loads_then_stops_at_missing_cpu_int4_op(exports, name):
+def test_w4a16_in_tree_method_without_plugin(exports, name):
+    """vLLM picks ``_C_AVX512`` (which has ``cpu_gemm_wna16``) when the CPU has AVX-512, else
+    ``_C_AVX2`` (which lacks it). With AVX-512 the in-tree CPUWNA16 kernel must reproduce the
+    torch reference's greedy tokens; on AVX2 it must load the weights and then fail with exactly
+    the missing-op error at the first forward."""
     # vLLM's gptq method takes fp16/bf16 activations only.
     args = [a if a != "float32" else "bfloat16" for a in SERVE_ARGS]
     with VllmServer(exports / name, *args, env={"VLLM_PLUGINS": "none"}) as server:
-        # The weights load through vLLM's in-tree loaders; the first forward needs the missing op.
         assert re.search(r"Loading weights took", server.log())
-        try:
-            r = requests.post(server.url("/v1/completions"), timeout=300, json={
-                "model": server.model, "prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0})
-            status = r.status_code
-        except requests.RequestException:
-            status = None  # the engine died with the connection open
+        results = [_complete(server, p, MAX_TOKENS) for p in PROMPTS]
         log = server.log()
-    assert status != 200
-    assert MISSING_OP in log, log[-4000:]
     assert "vllm_plugins registered" not in log
+    assert "CPUWNA16" in log
+    if torch.cpu._is_avx512_supported():
+        assert [r[0] for r in results] == [200, 200], log[-4000:]
+        _assert_greedy_under_reference(exports / name, [r[1] for r in results])
+    else:
+        assert results[0][0] != 200
+        assert MISSING_OP in log, log[-4000:]

@@ -1,0 +1,75 @@
+"""``vllm-plugins train-drafter``: train an EAGLE-3 drafter for a target."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from eagle.checks import DrafterError
+from eagle.layouts import LAYOUTS
+from eagle.train import TrainDrafterConfig, train_drafter
+
+_HELP = {
+    "aux_layer_ids": "target layers whose residual streams the drafter fuses (vLLM ids: 0 = "
+                     "embeddings, depth = last layer output); default: vLLM's default, or "
+                     "spread over a shallow target",
+    "draft_vocab_size": "reduced draft vocabulary (most frequent tokens); default min(vocab, 1024)",
+    "ttt_steps": "training-time-test unroll steps K",
+    "loss_decay": "loss weight of unroll step i is loss_decay**i",
+    "holdout_fraction": "tail of the text kept out of training (for evaluation)",
+    "max_text_chars": "read at most this many characters of --data",
+    "layout": "checkpoint layout to export",
+    "head_dim": "drafter attention head size (vLLM CPU needs 32, 64, ...)",
+}
+
+
+def _ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train-drafter",
+        help="train an EAGLE-3 drafter for a target model and export it for vLLM",
+        description=__doc__,
+    )
+    p.add_argument("--target", type=Path, required=True, help="target checkpoint directory")
+    p.add_argument("--data", type=Path, required=True, help="local text file (blank-line separated)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainDrafterConfig)}
+    for field in dataclasses.fields(TrainDrafterConfig):
+        name = field.name
+        if name in ("target", "data", "out"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = defaults[name]
+        if name == "aux_layer_ids":
+            p.add_argument(flag, type=_ids, default=default, help=_HELP[name])
+        elif name == "progress":
+            p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        elif name == "layout":
+            p.add_argument(flag, choices=LAYOUTS, default=default, help=_HELP[name])
+        elif isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=f"enable {name.replace('_', ' ')}")
+        else:
+            kind = float if isinstance(default, float) else int
+            p.add_argument(flag, type=kind, default=default, help=_HELP.get(name, f"default {default}"))
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_plugins.cli import CLIError
+
+    names = {f.name for f in dataclasses.fields(TrainDrafterConfig)}
+    cfg = TrainDrafterConfig(**{k: v for k, v in vars(args).items() if k in names})
+    try:
+        out = train_drafter(cfg)
+    except DrafterError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"drafter written to {out}")
+    return 0

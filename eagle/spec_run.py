@@ -1,0 +1,72 @@
+"""Greedy generation with vLLM, optionally with an EAGLE-3 drafter, in its
+own process; prints one JSON object (outputs and spec-decode metrics).
+
+``python -m eagle.spec_run --target DIR [--draft DIR] --prompts FILE.json``
+
+The mean acceptance length is vLLM's own definition over its counters:
+``1 + num_accepted_tokens / num_drafts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def spec_metrics(metrics) -> dict:
+    """vLLM's ``vllm:spec_decode_*`` counters from ``LLM.get_metrics()``."""
+    out: dict = {}
+    for m in metrics:
+        if not m.name.startswith("vllm:spec_decode_"):
+            continue
+        key = m.name[len("vllm:spec_decode_"):]
+        if hasattr(m, "values"):
+            prev = out.get(key) or [0] * len(m.values)
+            out[key] = [a + b for a, b in zip(prev, m.values)]
+        else:
+            out[key] = out.get(key, 0) + m.value
+    drafts = out.get("num_drafts", 0)
+    if drafts:
+        out["mean_acceptance_length"] = 1 + out.get("num_accepted_tokens", 0) / drafts
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--target", required=True)
+    p.add_argument("--draft", default=None)
+    p.add_argument("--prompts", required=True, help="JSON list of token-id lists")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--hf-overrides", type=json.loads, default=None,
+                   help='JSON for the target, e.g. {"architectures": ["LlamaVariantForCausalLM"]}')
+    args = p.parse_args(argv)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    prompts = json.loads(open(args.prompts).read())
+    kwargs = {"hf_overrides": args.hf_overrides} if args.hf_overrides else {}
+    if args.draft:
+        kwargs["speculative_config"] = {
+            "method": "eagle3", "model": args.draft, "num_speculative_tokens": args.k,
+        }
+    llm = LLM(
+        model=args.target, dtype="float32", enforce_eager=True,
+        max_model_len=args.max_model_len, disable_log_stats=False, seed=0, **kwargs,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
+    result = {
+        "outputs": [list(o.outputs[0].token_ids) for o in outs],
+        "spec": spec_metrics(llm.get_metrics()),
+    }
+    print("SPEC_RUN_RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

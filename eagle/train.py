@@ -1,0 +1,327 @@
+"""Train an EAGLE-3 drafter for a target and export a checkpoint vLLM loads.
+
+Pipeline: read local text, tokenise it with the target's tokenizer, hold out
+the tail, pick the draft vocabulary from token frequencies (``d2t``/``t2d``),
+then for each batch run the frozen Hugging Face target for its features
+(:mod:`eagle.features`) and train :class:`TorchEagle3Drafter` with the
+training-time-test unroll, step ``i`` weighted ``loss_decay ** i``, against
+the target's own next-token distribution restricted to the draft vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from eagle.checks import DrafterError, check_aux_layer_ids, check_vocab
+from eagle.features import decoder_stack, default_aux_layer_ids, target_features
+from eagle.layouts import LAYOUTS, write_drafter
+from eagle.torch_drafter import TorchEagle3Drafter
+
+
+@dataclass
+class TrainDrafterConfig:
+    """Every default of ``train-drafter``; the CLI reads them from here."""
+
+    target: Path
+    data: Path
+    out: Path
+    aux_layer_ids: tuple[int, ...] | None = None  # None: vLLM's default, or spread for shallow targets
+    draft_vocab_size: int | None = None  # None: min(target vocab, 1024)
+    ttt_steps: int = 3
+    loss_decay: float = 0.8
+    target_temperature: float = 1.0  # softmax temperature of the target's labels
+    seq_len: int = 256
+    batch_size: int = 8
+    steps: int = 400
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    head_dim: int = 32
+    holdout_fraction: float = 0.1
+    self_distill_sequences: int = 256  # training sequences the target writes itself (greedy)
+    self_distill_prompt_len: int = 16
+    natural_text: bool = True  # also train on the text itself, not only on self-distilled sequences
+    max_text_chars: int | None = None
+    layout: str = "specforge"
+    input_embeds_norm: bool = False
+    fused_hidden_norm: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`DrafterError` naming the option at fault."""
+        if not (self.target / "config.json").is_file():
+            raise DrafterError(f"--target {self.target}: no config.json")
+        if not self.data.is_file():
+            raise DrafterError(f"--data {self.data}: no such file")
+        if self.out.exists() and any(self.out.iterdir()):
+            raise DrafterError(f"--out {self.out}: exists and is not empty")
+        if self.layout not in LAYOUTS:
+            raise DrafterError(f"--layout {self.layout!r}: expected one of {LAYOUTS}")
+        for flag, value, low in (
+            ("--ttt-steps", self.ttt_steps, 1), ("--seq-len", self.seq_len, 8),
+            ("--batch-size", self.batch_size, 1), ("--steps", self.steps, 1),
+            ("--head-dim", self.head_dim, 8),
+        ):
+            if value < low:
+                raise DrafterError(f"{flag} {value}: must be at least {low}")
+        if not 0 < self.loss_decay <= 1:
+            raise DrafterError(f"--loss-decay {self.loss_decay}: must be in (0, 1]")
+        if not 0 < self.holdout_fraction < 1:
+            raise DrafterError(f"--holdout-fraction {self.holdout_fraction}: must be in (0, 1)")
+
+
+def text_config(config) -> object:
+    return getattr(config, "text_config", None) or config
+
+
+def split_text(path: Path, holdout_fraction: float, max_chars: int | None = None):
+    """Blank-line separated passages: ``(train, held_out)``, the held-out
+    part being the tail of the file."""
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    if max_chars:
+        text = text[:max_chars]
+    passages = [p.strip() for p in text.split("\n\n") if p.strip()]
+    cut = int(len(passages) * (1 - holdout_fraction))
+    return passages[:cut], passages[cut:]
+
+
+def token_stream(tokenizer, passages: list[str]) -> torch.Tensor:
+    ids: list[int] = []
+    for p in passages:
+        ids.extend(tokenizer(p)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def draft_vocab(tokens: torch.Tensor, vocab_size: int, draft_vocab_size: int):
+    """The ``draft_vocab_size`` most frequent target ids (ties: lower id
+    first), ascending; returns ``(ids, d2t, t2d)``."""
+    counts = torch.bincount(tokens, minlength=vocab_size).double()
+    # Stable ranking: frequency first, then the lower id.
+    order = sorted(range(vocab_size), key=lambda i: (-counts[i].item(), i))
+    ids = torch.tensor(sorted(order[:draft_vocab_size]), dtype=torch.long)
+    d2t = ids - torch.arange(draft_vocab_size)
+    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d[ids] = True
+    return ids, d2t, t2d
+
+
+def drafter_config(cfg: TrainDrafterConfig, target_cfg, aux_ids, draft_vocab_size: int) -> dict:
+    tc = text_config(target_cfg)
+    hidden = tc.hidden_size
+    if hidden % cfg.head_dim:
+        raise DrafterError(f"--head-dim {cfg.head_dim}: does not divide hidden size {hidden}")
+    heads = hidden // cfg.head_dim
+    kv = tc.num_key_value_heads if heads % tc.num_key_value_heads == 0 else heads
+    rope = getattr(tc, "rope_parameters", None) or {}
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": tc.intermediate_size,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": cfg.head_dim,
+        "num_hidden_layers": 1,
+        "rms_norm_eps": tc.rms_norm_eps,
+        "vocab_size": tc.vocab_size,
+        "draft_vocab_size": draft_vocab_size,
+        "max_position_embeddings": tc.max_position_embeddings,
+        "rope_theta": rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0)),
+        "rope_parameters": rope or None,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": tc.bos_token_id,
+        "eos_token_id": tc.eos_token_id,
+        "target_hidden_size": hidden,
+        "eagle_aux_hidden_state_layer_ids": list(aux_ids),
+        "input_embeds_norm": cfg.input_embeds_norm,
+        "fused_hidden_norm": cfg.fused_hidden_norm,
+        "torch_dtype": "float32",
+    }
+
+
+def init_drafter(dcfg: dict, target, ids: torch.Tensor, num_aux: int) -> TorchEagle3Drafter:
+    """Random layer; embeddings, final norm and lm_head rows from the target."""
+    drafter = TorchEagle3Drafter(dcfg, num_aux)
+    for name, p in drafter.named_parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02)
+    _, norm = decoder_stack(target)
+    hidden = dcfg["hidden_size"]
+    with torch.no_grad():
+        # Start from "the deepest aux state is the answer": the right logit
+        # scale from step one (the deepest id is last in vLLM's order).
+        drafter.fc.weight[:, -hidden:] += torch.eye(hidden)
+        drafter.embed_tokens.weight.copy_(target.get_input_embeddings().weight)
+        drafter.lm_head.weight.copy_(target.get_output_embeddings().weight[ids])
+        drafter.norm.weight.copy_(norm.weight)
+        drafter.d2t.copy_(ids - torch.arange(ids.numel()))
+        drafter.t2d[ids] = True
+    return drafter
+
+
+def ttt_loss(drafter, feats, ids: torch.Tensor, steps: int, decay: float,
+             temperature: float = 1.0):
+    """Sum over steps of ``decay**i`` times the soft cross-entropy between the
+    draft at index ``k`` of step ``i`` and the target's distribution for
+    position ``k + 1 + i`` (restricted to the draft vocabulary); also
+    returns step-0 top-1 agreement. ``temperature`` below 1 sharpens the
+    target's distribution towards its argmax (what greedy decoding accepts)."""
+    embeds, aux, logits = feats["embeds"], feats["aux"], feats["logits"]
+    b, t, _ = embeds.shape
+    pad = embeds.new_zeros(b, steps, embeds.shape[-1])
+    shifted = torch.cat([embeds, pad], dim=1)
+    inputs = [shifted[:, 1 + i: 1 + i + t] for i in range(steps)]
+    positions = torch.arange(t).expand(b, t)
+    outs = drafter.ttt_forward(inputs, aux, positions)
+    target_probs = torch.softmax(logits[..., ids].float() / temperature, dim=-1)
+    total, acc = 0.0, 0.0
+    for i, out in enumerate(outs):
+        valid = t - 1 - i
+        tp = target_probs[:, 1 + i: 1 + i + valid]
+        logp = F.log_softmax(out[:, :valid].float(), dim=-1)
+        total = total + decay ** i * -(tp * logp).sum(-1).mean()
+        if i == 0:
+            acc = (out[:, :valid].argmax(-1) == tp.argmax(-1)).float().mean().item()
+    return total, acc
+
+
+def is_vlm(target) -> bool:
+    return getattr(target.config, "vision_config", None) is not None
+
+
+def with_images(target, batch: torch.Tensor, gen: torch.Generator):
+    """Prefix each sequence with one image's placeholders (after BOS) and
+    draw random images, so the recorded features hold the target's image
+    embeddings at those positions. Returns ``(input_ids, pixel_values)``."""
+    vc = target.config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    b = batch.shape[0]
+    image = torch.full((b, n), target.config.image_token_index, dtype=batch.dtype)
+    ids = torch.cat([batch[:, :1], image, batch[:, 1:-n]], dim=1)
+    pixels = torch.rand(b, 3, vc.image_size, vc.image_size, generator=gen) * 2 - 1
+    return ids, {"pixel_values": pixels}
+
+
+@torch.no_grad()
+def self_distill(target, tokenizer, passages: list[str], cfg: TrainDrafterConfig) -> torch.Tensor:
+    """Sequences of ``seq_len`` tokens: a passage's first tokens, then the
+    target's greedy continuation, which is what a drafter sees at serving."""
+    from tqdm import tqdm
+
+    plen = cfg.self_distill_prompt_len
+    prompts = []
+    for p in passages:
+        ids = tokenizer(p)["input_ids"]
+        if len(ids) >= plen:
+            prompts.append(ids[:plen])
+        if len(prompts) == cfg.self_distill_sequences:
+            break
+    out = []
+    batch = 32
+    for start in tqdm(range(0, len(prompts), batch), desc="self-distill", disable=not cfg.progress):
+        x = torch.tensor(prompts[start: start + batch])
+        g = target.generate(x, max_new_tokens=cfg.seq_len - plen, min_new_tokens=cfg.seq_len - plen,
+                            do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out.append(g[:, : cfg.seq_len])
+    return torch.cat(out)
+
+
+def load_target(path: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "vision_config", None) is not None:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def train_drafter(cfg: TrainDrafterConfig) -> Path:
+    """Train and export; returns ``cfg.out``. Writes nothing on bad input."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    target = load_target(cfg.target)
+    tc = text_config(target.config)
+    layers, _ = decoder_stack(target)
+    aux_ids = tuple(cfg.aux_layer_ids) if cfg.aux_layer_ids else default_aux_layer_ids(len(layers))
+    check_aux_layer_ids(aux_ids, len(layers), "--aux-layer-ids")
+    if len(aux_ids) != 3:
+        raise DrafterError(f"--aux-layer-ids {list(aux_ids)}: EAGLE-3 fuses exactly 3 layers")
+    dvs = cfg.draft_vocab_size or min(tc.vocab_size, 1024)
+    check_vocab(dvs, tc.vocab_size, "--draft-vocab-size")
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.target)
+    train_passages, _ = split_text(cfg.data, cfg.holdout_fraction, cfg.max_text_chars)
+    tokens = token_stream(tokenizer, train_passages)
+    n_chunks = tokens.numel() // cfg.seq_len
+    if n_chunks < cfg.batch_size:
+        raise DrafterError(f"--data {cfg.data}: too little text for one batch")
+    chunks = tokens[: n_chunks * cfg.seq_len].view(n_chunks, cfg.seq_len)
+    if cfg.self_distill_sequences:
+        distilled = self_distill(target, tokenizer, train_passages, cfg)
+        chunks = torch.cat([chunks, distilled]) if cfg.natural_text else distilled
+        n_chunks = chunks.shape[0]
+    ids, _, _ = draft_vocab(tokens, tc.vocab_size, dvs)
+
+    dcfg = drafter_config(cfg, target.config, aux_ids, dvs)
+    drafter = init_drafter(dcfg, target, ids, len(aux_ids))
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+
+    def lr_at(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(range(cfg.steps), desc="train-drafter", disable=not cfg.progress, unit="step")
+    for _ in bar:
+        batch = chunks[torch.randint(0, n_chunks, (cfg.batch_size,), generator=gen)]
+        extra: dict = {}
+        if is_vlm(target):
+            batch, extra = with_images(target, batch, gen)
+        feats = target_features(target, batch, aux_ids, **extra)
+        loss, acc = ttt_loss(drafter, feats, ids, cfg.ttt_steps, cfg.loss_decay,
+                             cfg.target_temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{acc:.2f}")
+    return export(drafter, dcfg, cfg, tokenizer)
+
+
+def export(drafter: TorchEagle3Drafter, dcfg: dict, cfg: TrainDrafterConfig, tokenizer) -> Path:
+    """Write atomically: a temporary sibling directory renamed into place."""
+    state = {k: v.detach().clone() for k, v in drafter.state_dict().items()}
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".train-drafter-", dir=cfg.out.parent))
+    try:
+        write_drafter(tmp, state, dcfg, cfg.layout, verifier=str(cfg.target),
+                      speculative_tokens=cfg.ttt_steps)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "train_drafter.json").write_text(json.dumps(
+            {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
+            indent=2) + "\n")
+        if cfg.out.exists():
+            cfg.out.rmdir()
+        tmp.rename(cfg.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return cfg.out
