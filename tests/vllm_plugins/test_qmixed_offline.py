@@ -5,7 +5,7 @@
   ``llm.apply_model`` lists every linear's method: targeted ones carry ours,
   ignored ones don't. Greedy tokens equal the float64 dequantized reference,
   at TP=1 and TP=2 (``VLLM_CPU_OMP_THREADS_BIND='0|1'``).
-- AutoGPTQ v1 layout (``quant_method: gptq``) served by vLLM's own
+- the toolkit's ``gptq`` export (AutoGPTQ v1 layout) served by vLLM's own
   ``AutoGPTQLinearMethod`` in bfloat16 with ``CPUWNA16`` disabled (as if the
   build lacked ``cpu_gemm_wna16``): the registered ``TorchInt4CPULinearKernel``
   must be chosen, and each greedy token is the float64 reference's best
@@ -79,36 +79,27 @@ def _run_engine(ckpt: Path, tp: int, dtype: str = "float32", **extra_env: str) -
     return json.loads(lines[-1])
 
 
-def _gptq_export(src: Path, out: Path, group_size: int) -> dict[str, torch.Tensor]:
-    """AutoGPTQ v1 layout of an RTN quantization: qweight [in/8, out], qzeros, scales, g_idx."""
-    from safetensors.torch import load_file, save_file
+def _toolkit_gptq_export(src: Path, out: Path, calib: Path, group_size: int) -> dict[str, torch.Tensor]:
+    """``vllm-plugins quantize --format gptq`` (AutoGPTQ v1 layout), read back with numpy:
+    qweight ``[in/8, out]`` packed along the input, scales ``[groups, out]``, g_idx ``[in]``."""
+    from safetensors.numpy import load_file
 
-    from test_qpacking import LINEAR_SUFFIXES, rtn_w4
+    from vllm_plugins.cli import main
 
-    state = load_file(src / "model.safetensors")
-    tensors, deq = {}, {}
-    for name, t in state.items():
-        module, _, leaf = name.rpartition(".")
-        if leaf != "weight" or not module.endswith(LINEAR_SUFFIXES) or module == "lm_head":
-            tensors[name] = t
-            continue
-        qweight, scales, deq[module] = rtn_w4(t, group_size)
-        out_f, in_f = t.shape
-        tensors[f"{module}.qweight"] = qweight.t().contiguous()  # same words, packed along the input dim
-        tensors[f"{module}.scales"] = scales.t().contiguous()
-        # v1 ("gptq") format stores zero - 1 = 7 in every nibble.
-        tensors[f"{module}.qzeros"] = torch.full((in_f // group_size, out_f // 8), 0x77777777, dtype=torch.int64
-                                                 ).to(torch.int32)
-        tensors[f"{module}.g_idx"] = torch.arange(in_f, dtype=torch.int32) // group_size
-    out.mkdir(parents=True)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    for f in src.iterdir():
-        if f.suffix == ".json" and f.name != "config.json":
-            (out / f.name).write_bytes(f.read_bytes())
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group_size,
-                                     "desc_act": False, "sym": True, "lm_head": False, "checkpoint_format": "gptq"}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    assert main(["quantize", "--model", str(src), "--out", str(out), "--format", "gptq", "--method", "rtn",
+                 "--scheme", "w4a16", "--group-size", str(group_size), "--calib", str(calib),
+                 "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    tensors = {}
+    for f in out.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    deq = {}
+    for name in [n[: -len(".qweight")] for n in tensors if n.endswith(".qweight")]:
+        words = tensors[f"{name}.qweight"].view(np.uint32)  # [in/8, out]
+        in_f = words.shape[0] * 8
+        q = np.stack([(words[i // 8] >> np.uint32(4 * (i % 8))) & np.uint32(15) for i in range(in_f)], 1)
+        g = tensors[f"{name}.g_idx"].astype(np.int64)
+        deq[name] = torch.from_numpy((q.astype(np.int64) - 8) * tensors[f"{name}.scales"].astype(np.float64).T[:, g])
     return deq
 
 
@@ -149,11 +140,11 @@ def test_mixed_tp2_equals_tp1(mixed, mixed_tp1):
     assert _run_engine(mixed[0], 2)["tokens"] == mixed_tp1["tokens"]
 
 
-def test_intree_gptq_runs_on_registered_cpu_int4_kernel(tiny_llama, tmp_path):
+def test_intree_gptq_runs_on_registered_cpu_int4_kernel(tiny_llama, shared_dir, tmp_path):
     from test_qpacking import dequantized_reference, greedy_gaps
 
     src = tiny_llama()
-    deq = _gptq_export(src, tmp_path / "gptq", 32)
+    deq = _toolkit_gptq_export(src, tmp_path / "gptq", shared_dir / "data" / "tinystories_val.txt", 32)
     # vLLM's gptq takes bf16/fp16 only. CPUWNA16 is disabled so that the test
     # sees what a build without cpu_gemm_wna16 (AVX2) does on any machine.
     report = _run_engine(tmp_path / "gptq", 1, "bfloat16", VLLM_DISABLED_KERNELS="CPUWNA16LinearKernel")

@@ -110,6 +110,40 @@ def export_native(src: Path, out: Path, qcfg: dict, shards: int = 2) -> dict[str
     return deq
 
 
+def read_native(export: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(quantization_config, {module: float64 dequantized weight})`` of any native
+    export, read with numpy from the contract alone (an independent reader)."""
+    from safetensors.numpy import load_file
+
+    qcfg = json.loads((export / "config.json").read_text())["quantization_config"]
+    native = NativeQuantConfig.from_dict(qcfg)
+    tensors = {}
+    for f in sorted(export.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    deq = {}
+    for name in [n[: -len(".qweight")] for n in tensors if n.endswith(".qweight")]:
+        qweight, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"].astype(np.float64)
+        scheme = native.layer(name)
+        assert scheme is not None, f"{name} is quantized but ignored in the config"
+        if scheme.scheme == "w8a8":
+            assert qweight.dtype == np.int8 and scales.shape == (qweight.shape[0], 1)
+            deq[name] = torch.from_numpy(qweight.astype(np.float64) * scales)
+            continue
+        assert qweight.dtype == np.int32
+        words = qweight.view(np.uint32)
+        in_f = tensors[f"{name}.g_idx"].shape[0] if f"{name}.g_idx" in tensors else words.shape[1] * 8
+        q = np.stack([(words[:, i // 8] >> np.uint32(4 * (i % 8))) & np.uint32(15) for i in range(in_f)], 1)
+        q = q.astype(np.int64) - 8
+        if f"{name}.g_idx" in tensors:
+            g = tensors[f"{name}.g_idx"].astype(np.int64)
+        elif scheme.group_size == -1:
+            g = np.zeros(in_f, np.int64)
+        else:
+            g = np.arange(in_f) // scheme.group_size
+        deq[name] = torch.from_numpy(q * scales[:, g])
+    return qcfg, deq
+
+
 # ------------------------------------------------------------------------ tests
 @pytest.mark.parametrize("in_f", [8, 64, 172])
 def test_pack_matches_independent_packer_and_round_trips(in_f):
@@ -131,6 +165,16 @@ def test_layout_is_vllm_uint4b8_packed_along_input():
     q = torch.randint(-8, 8, (16, 64), dtype=torch.int8)
     u = unpack_quantized_values_into_int32(packing.pack_int4(q), scalar_types.uint4b8, 1)
     assert torch.equal(u - 8, q.to(torch.int32))
+
+
+def test_independent_reader_round_trips_the_test_exporter(tiny_llama, tmp_path):
+    qcfg = {"quant_method": "vllm_plugins", "scheme": "w4a16", "group_size": 32, "act_order": True,
+            "ignore": ["lm_head"], "overrides": {"model.layers.0.mlp.up_proj": {"scheme": "w8a8"}}}
+    deq = export_native(tiny_llama(), tmp_path / "x", qcfg)
+    read_cfg, read = read_native(tmp_path / "x")
+    assert read_cfg == qcfg and read.keys() == deq.keys()
+    for name in deq:
+        assert torch.equal(read[name], deq[name]), name
 
 
 def test_w8_dequantize_and_act_order_g_idx():

@@ -14,19 +14,19 @@ import json
 import pytest
 import requests
 
-from test_qpacking import dequantized_reference, export_native, greedy_reference
+from test_qpacking import dequantized_reference, export_native, greedy_reference, read_native
 from vllm_plugins.serving import VllmServer
 
 W4A16 = {"quant_method": "vllm_plugins", "format_version": 1, "scheme": "w4a16", "group_size": 64,
          "act_order": True, "ignore": ["lm_head"]}
 W8A8 = {"quant_method": "vllm_plugins", "format_version": 1, "scheme": "w8a8", "ignore": ["lm_head"]}
-W4A16_G32 = {**W4A16, "group_size": 32, "act_order": False}
-# id -> (source, quantization_config)
+# id -> (source, how it is exported). The random Llama goes through this test's
+# own RTN exporter; TinyStories-656K through ``vllm-plugins quantize``.
 EXPORTS = {
     "llama-w4a16": ("tiny", W4A16),
     "llama-w8a8": ("tiny", W8A8),
-    "tinystories-w4a16": ("tinystories", W4A16_G32),
-    "tinystories-w8a8": ("tinystories", W8A8),
+    "tinystories-w4a16": ("tinystories", ["--scheme", "w4a16", "--group-size", "32", "--method", "gptq"]),
+    "tinystories-w8a8": ("tinystories", ["--scheme", "w8a8", "--method", "rtn"]),
 }
 # TinyStories-656K has head size 16: served through the LLaMA variant, which pads it.
 VARIANT = ("--hf-overrides", json.dumps({"architectures": ["LlamaVariantForCausalLM"]}))
@@ -34,15 +34,26 @@ PROMPTS = [[1, 5, 77, 200, 31], [1, 300, 12], [1, 42, 43, 44, 45, 46, 47, 48], [
 MAX_TOKENS = 12
 
 
+def _toolkit_export(src, out, shared_dir, args) -> tuple[dict, dict]:
+    from vllm_plugins.cli import main
+
+    assert main(["quantize", "--model", str(src), "--out", str(out), "--format", "native",
+                 "--calib", str(shared_dir / "data" / "tinystories_val.txt"), "--num-samples", "16",
+                 "--seqlen", "128", "--no-progress", *args]) == 0
+    return read_native(out)  # the test's own reader of the contract
+
+
 @pytest.fixture(scope="module", params=list(EXPORTS))
 def served(request, tiny_llama, tmp_path_factory):
-    source, qcfg = EXPORTS[request.param]
-    if source == "tiny":
-        src = tiny_llama()
-    else:
-        src = request.getfixturevalue("shared_dir") / "models" / "TinyStories-656K"
+    source, how = EXPORTS[request.param]
     out = tmp_path_factory.mktemp(f"native-{request.param}") / "ckpt"
-    deq = export_native(src, out, qcfg)
+    if source == "tiny":
+        src, qcfg = tiny_llama(), how
+        deq = export_native(src, out, qcfg)
+    else:
+        shared_dir = request.getfixturevalue("shared_dir")
+        src = shared_dir / "models" / "TinyStories-656K"
+        qcfg, deq = _toolkit_export(src, out, shared_dir, how)
     reference = greedy_reference(dequantized_reference(src, qcfg, deq), PROMPTS, MAX_TOKENS)
     extra = VARIANT if source == "tinystories" else ()
     with VllmServer(out, "--enforce-eager", "--max-model-len", "512", "--dtype", "float32",

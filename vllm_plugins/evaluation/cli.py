@@ -75,6 +75,8 @@ def run(args) -> int:
     for label, path in models.items():
         if args.base_url:
             results[label] = runner.evaluate_server(args.base_url, _served_name(args.base_url), path, settings)
+        elif args.backend == "offline" and len(models) > 1:
+            results[label] = _offline_in_subprocess(args, label, path)
         else:
             results[label] = runner.evaluate_model(path, settings)
     table = runner.recovery_table(results, next(iter(models)))
@@ -93,3 +95,27 @@ def _served_name(base_url: str) -> str:
     except (requests.RequestException, KeyError, ValueError) as exc:
         raise CLIError(f"--base-url {base_url}: cannot list served models ({exc})") from None
     return data[0]["id"]
+
+
+def _offline_in_subprocess(args, label: str, path: Path) -> dict:
+    """One in-process vLLM engine per process: each model gets its own ``eval`` run."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        argv = [sys.executable, "-m", "vllm_plugins.cli", "eval", "--backend", "offline", "--model", f"{label}={path}",
+                "--tasks", args.tasks, "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
+                "--output", str(out)]
+        if args.limit is not None:
+            argv += ["--limit", str(args.limit)]
+        if args.hf_overrides:
+            argv += ["--hf-overrides", json.dumps(args.hf_overrides)]
+        if args.shared_dir is not None:
+            argv += ["--shared-dir", str(args.shared_dir)]
+        proc = subprocess.run(argv, env=os.environ.copy())
+        if proc.returncode != 0 or not out.exists():
+            raise CLIError(f"--model {label}={path}: offline evaluation failed (exit {proc.returncode})")
+        return json.loads(out.read_text())["results"][label]

@@ -1,0 +1,146 @@
+"""Decode throughput of bf16 vs W4A16 vs W8A8 ``native`` exports served by vLLM.
+
+Builds a random Llama of about 0.5B parameters (memory-bound on CPU), exports
+it with the toolkit (RTN: speed does not depend on the rounding method) in
+both schemes, serves each with ``vllm serve`` in turn and measures decode
+tokens/s at batch 1 and batch 16. Prints one table.
+
+Decode rate = extra tokens / extra time between requests of ``1`` and
+``1 + N`` new tokens (prefill cancels out); batch 16 sends 16 such requests
+at once.
+
+    python scripts/bench_decode.py [--work DIR] [--layers 20] [--new-tokens 64]
+
+Targets at batch 1: W4A16 >= 2.5x bf16, W8A8 >= 1.5x bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGETS = {"w4a16": 2.5, "w8a8": 1.5}
+
+
+def build_model(work: Path, layers: int, hidden: int, intermediate: int) -> Path:
+    from models.tiny import build_tiny_llama
+
+    src = work / "bf16"
+    if not (src / "config.json").exists():
+        build_tiny_llama(src, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512),
+                         vocab_size=512, max_position_embeddings=1024, torch_dtype="bfloat16",
+                         initializer_range=0.02)
+    return src
+
+
+def export(src: Path, work: Path, scheme: str) -> Path:
+    from quant.config import QuantConfig
+    from quant.pipeline import quantize_checkpoint
+
+    out = work / scheme
+    if not (out / "config.json").exists():
+        cfg = QuantConfig(scheme=scheme, method="rtn", format="native", num_samples=1, seqlen=32)
+        calib = work / "calib.txt"
+        calib.write_text("Once upon a time there was a little model.\n\nIt liked to run fast.\n")
+        quantize_checkpoint(src, {"native": out}, cfg, calib, progress=False)
+    return out
+
+
+def _complete(url: str, model: str, max_tokens: int) -> float:
+    t0 = time.perf_counter()
+    r = requests.post(url, timeout=900, json={"model": model, "prompt": [1, 20, 30, 40, 50, 60, 70, 80],
+                                              "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+    r.raise_for_status()
+    assert r.json()["usage"]["completion_tokens"] == max_tokens
+    return time.perf_counter() - t0
+
+
+def _batch(url: str, model: str, batch: int, max_tokens: int) -> float:
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(batch) as pool:
+        list(pool.map(lambda _: _complete(url, model, max_tokens), range(batch)))
+    return time.perf_counter() - t0
+
+
+def decode_rate(url: str, model: str, batch: int, new_tokens: int, repeats: int) -> float:
+    _batch(url, model, batch, 4)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t_short = _batch(url, model, batch, 1)
+        t_long = _batch(url, model, batch, 1 + new_tokens)
+        rates.append(batch * new_tokens / max(t_long - t_short, 1e-9))
+    return statistics.median(rates)
+
+
+def measure(ckpt: Path, batches: list[int], new_tokens: int, repeats: int, env: dict | None = None) -> dict:
+    from vllm_plugins.serving import VllmServer
+
+    args = ["--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "1024", "--max-num-seqs", "16"]
+    with VllmServer(ckpt, *args, env=env) as server:
+        url = server.url("/v1/completions")
+        return {b: decode_rate(url, server.model, b, new_tokens, repeats) for b in batches}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=Path("bench-decode-work"), help="checkpoints are cached here")
+    p.add_argument("--layers", type=int, default=20)
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--aten-int4", action="store_true",
+                   help="also run W4A16 with CPUWNA16 disabled (this package's aten int4 kernel)")
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batches.split(",")]
+
+    src = build_model(args.work, args.layers, args.hidden, args.intermediate)
+    n_params = sum(math.prod(shape) for shape in _shapes(src))
+    runs = {"bf16": (src, None), "w4a16": (export(src, args.work, "w4a16"), None),
+            "w8a8": (export(src, args.work, "w8a8"), None)}
+    if args.aten_int4:
+        runs["w4a16 (aten int4)"] = (runs["w4a16"][0], {"VLLM_DISABLED_KERNELS": "CPUWNA16LinearKernel"})
+    results = {name: measure(ckpt, batches, args.new_tokens, args.repeats, env) for name, (ckpt, env) in runs.items()}
+
+    print(f"\nDecode tokens/s, random Llama {n_params / 1e9:.2f}B params, vLLM CPU, bf16 activations, "
+          f"{os.cpu_count()} CPUs, {args.new_tokens} new tokens, median of {args.repeats}")
+    head = "| checkpoint | " + " | ".join(f"batch {b} tok/s | vs bf16" for b in batches) + " |"
+    print(head + "\n|" + "---|" * (1 + 2 * len(batches)))
+    for name, rates in results.items():
+        cells = [name]
+        for b in batches:
+            cells += [f"{rates[b]:.1f}", f"{rates[b] / results['bf16'][b]:.2f}x"]
+        print("| " + " | ".join(cells) + " |")
+    for scheme, target in TARGETS.items():
+        got = results[scheme][batches[0]] / results["bf16"][batches[0]]
+        print(f"target {scheme} >= {target}x bf16 at batch {batches[0]}: {got:.2f}x "
+              f"({'met' if got >= target else 'NOT met'})")
+    (args.work / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _shapes(src: Path):
+    from safetensors import safe_open
+
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            for k in fh.keys():
+                yield fh.get_slice(k).get_shape()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
