@@ -22,7 +22,7 @@ _HELP = {
     "layout": "checkpoint layout to export",
     "head_dim": "drafter attention head size (vLLM CPU needs 32, 64, ...)",
     "progress": "no progress bar",
-    "natural_text": "train only on the sequences the target writes itself",
+    "natural_text": "also train on --data itself (default: only on sequences the target writes)",
     "self_distill_sequences": "sequences the target writes itself (greedy) for training",
     "target_temperature": "softmax temperature of the target's labels (<1 sharpens towards greedy)",
 }
