@@ -21,6 +21,10 @@ _HELP = {
     "max_text_chars": "read at most this many characters of --data",
     "layout": "checkpoint layout to export",
     "head_dim": "drafter attention head size (vLLM CPU needs 32, 64, ...)",
+    "progress": "no progress bar",
+    "natural_text": "also train on --data itself (default: only on sequences the target writes)",
+    "self_distill_sequences": "sequences the target writes itself (greedy) for training",
+    "target_temperature": "softmax temperature of the target's labels (<1 sharpens towards greedy)",
 }
 
 
@@ -49,10 +53,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default = defaults[name]
         if name == "aux_layer_ids":
             p.add_argument(flag, type=_ids, default=default, help=_HELP[name])
-        elif name == "progress":
-            p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
         elif name == "layout":
             p.add_argument(flag, choices=LAYOUTS, default=default, help=_HELP[name])
+        elif isinstance(default, bool) and default:
+            p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
+                           help=_HELP.get(name, f"disable {name.replace('_', ' ')}"))
         elif isinstance(default, bool):
             p.add_argument(flag, action="store_true", help=f"enable {name.replace('_', ' ')}")
         else:

@@ -1,7 +1,7 @@
 """Greedy generation with vLLM, optionally with an EAGLE-3 drafter, in its
 own process; prints one JSON object (outputs and spec-decode metrics).
 
-``python -m eagle.spec_run --target DIR [--draft DIR] --prompts FILE.json``
+``python -m eagle.spec_run --target DIR [--draft DIR] [--compare-target] --prompts FILE.json``
 
 The mean acceptance length is vLLM's own definition over its counters:
 ``1 + num_accepted_tokens / num_drafts``.
@@ -33,6 +33,29 @@ def spec_metrics(metrics) -> dict:
     return out
 
 
+def _generate(args, prompts, speculative_config):
+    import gc
+
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    kwargs = {"hf_overrides": args.hf_overrides} if args.hf_overrides else {}
+    if speculative_config:
+        kwargs["speculative_config"] = speculative_config
+    llm = LLM(
+        model=args.target, dtype="float32", enforce_eager=True, max_model_len=args.max_model_len,
+        disable_log_stats=False, seed=0, distributed_executor_backend="uni", **kwargs,
+    )
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params,
+                            use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs], spec_metrics(llm.get_metrics())
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--target", required=True)
@@ -40,30 +63,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", required=True, help="JSON list of token-id lists")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--k", type=int, default=3)
+    p.add_argument("--compare-target", action="store_true",
+                   help="first generate with the target alone (outputs as target_outputs)")
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--hf-overrides", type=json.loads, default=None,
                    help='JSON for the target, e.g. {"architectures": ["LlamaVariantForCausalLM"]}')
     args = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-    from vllm import LLM, SamplingParams, TokensPrompt
-
+    # Engines run in this process, one after another: the second one
+    # starts in seconds.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     prompts = json.loads(open(args.prompts).read())
-    kwargs = {"hf_overrides": args.hf_overrides} if args.hf_overrides else {}
+    result: dict = {}
+    if args.compare_target:
+        result["target_outputs"] = _generate(args, prompts, None)[0]
     if args.draft:
-        kwargs["speculative_config"] = {
+        result["outputs"], result["spec"] = _generate(args, prompts, {
             "method": "eagle3", "model": args.draft, "num_speculative_tokens": args.k,
-        }
-    llm = LLM(
-        model=args.target, dtype="float32", enforce_eager=True,
-        max_model_len=args.max_model_len, disable_log_stats=False, seed=0, **kwargs,
-    )
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
-    result = {
-        "outputs": [list(o.outputs[0].token_ids) for o in outs],
-        "spec": spec_metrics(llm.get_metrics()),
-    }
+        })
     print("SPEC_RUN_RESULT " + json.dumps(result), flush=True)
     return 0
 

@@ -38,17 +38,19 @@ class TrainDrafterConfig:
     draft_vocab_size: int | None = None  # None: min(target vocab, 1024)
     ttt_steps: int = 3
     loss_decay: float = 0.8
-    target_temperature: float = 1.0  # softmax temperature of the target's labels
-    seq_len: int = 256
+    target_temperature: float = 0.1  # softmax temperature of the target's labels
+    seq_len: int = 128
     batch_size: int = 8
-    steps: int = 400
-    lr: float = 3e-3
+    steps: int = 1300
+    lr: float = 1e-2
     warmup_steps: int = 20
     head_dim: int = 32
+    num_attention_heads: int | None = None  # None: hidden_size // head_dim
+    intermediate_size: int | None = None  # None: the target's
     holdout_fraction: float = 0.1
-    self_distill_sequences: int = 256  # training sequences the target writes itself (greedy)
+    self_distill_sequences: int = 4096  # training sequences the target writes itself (greedy)
     self_distill_prompt_len: int = 16
-    natural_text: bool = True  # also train on the text itself, not only on self-distilled sequences
+    natural_text: bool = False  # also train on the text itself, not only on self-distilled sequences
     max_text_chars: int | None = None
     layout: str = "specforge"
     input_embeds_norm: bool = False
@@ -117,14 +119,16 @@ def draft_vocab(tokens: torch.Tensor, vocab_size: int, draft_vocab_size: int):
 def drafter_config(cfg: TrainDrafterConfig, target_cfg, aux_ids, draft_vocab_size: int) -> dict:
     tc = text_config(target_cfg)
     hidden = tc.hidden_size
-    if hidden % cfg.head_dim:
+    if hidden % cfg.head_dim and not cfg.num_attention_heads:
         raise DrafterError(f"--head-dim {cfg.head_dim}: does not divide hidden size {hidden}")
-    heads = hidden // cfg.head_dim
+    heads = cfg.num_attention_heads or hidden // cfg.head_dim
+    # Same number of KV heads as the target where possible: equal KV-cache
+    # page sizes for target and drafter layers.
     kv = tc.num_key_value_heads if heads % tc.num_key_value_heads == 0 else heads
     rope = getattr(tc, "rope_parameters", None) or {}
     return {
         "hidden_size": hidden,
-        "intermediate_size": tc.intermediate_size,
+        "intermediate_size": cfg.intermediate_size or tc.intermediate_size,
         "num_attention_heads": heads,
         "num_key_value_heads": kv,
         "head_dim": cfg.head_dim,
@@ -225,7 +229,7 @@ def self_distill(target, tokenizer, passages: list[str], cfg: TrainDrafterConfig
         if len(prompts) == cfg.self_distill_sequences:
             break
     out = []
-    batch = 32
+    batch = 128
     for start in tqdm(range(0, len(prompts), batch), desc="self-distill", disable=not cfg.progress):
         x = torch.tensor(prompts[start: start + batch])
         g = target.generate(x, max_new_tokens=cfg.seq_len - plen, min_new_tokens=cfg.seq_len - plen,
