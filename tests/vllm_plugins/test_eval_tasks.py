@@ -44,6 +44,24 @@ def test_lm_eval_loads_the_local_tasks(shared_dir):
     assert len(list(wiki.test_docs())) == 62
 
 
+def test_text_tasks_read_a_local_file(tmp_path):
+    """--text: the main job's tasks, from a generated file and no ../shared."""
+    from lm_eval.tasks import get_task_dict
+
+    from models.tiny import synthetic_corpus
+
+    stories = synthetic_corpus(20, seed=5)
+    path = tmp_path / "heldout.txt"
+    path.write_text("\n\n".join(stories) + "\n")
+    settings = runner.EvalSettings(shared_dir=tmp_path / "absent", text_file=path)
+    tasks = get_task_dict(list(runner.TEXT_TASKS), runner.task_manager(settings))
+    lastword, ppl = (list(tasks[t].test_docs()) for t in runner.TEXT_TASKS)
+    assert [d["page"] for d in ppl] == stories
+    assert len(lastword) == len(stories)  # every story ends in "... the <adj> <thing>."
+    for doc, story in zip(lastword, stories):
+        assert story == doc["context"] + doc["target"] + "."
+
+
 def test_recovery_table_math():
     results = {
         "fp": {"tinystories_lastword": {"acc": 0.5, "perplexity": 10.0},
@@ -62,6 +80,8 @@ def test_recovery_table_math():
     (["--model", "fp={tiny}", "--tasks", "mmlu"], "unknown ['mmlu']"),
     (["--model", "fp={tiny}", "--model", "w4={tiny}", "--base-url", "http://x"], "exactly one --model"),
     (["--model", "fp={tiny}", "--shared-dir", "/nonexistent"], "--shared-dir"),
+    (["--model", "fp={tiny}", "--text", "/nonexistent.txt"], "--text: /nonexistent.txt not found"),
+    (["--model", "fp={tiny}", "--tasks", "text_ppl"], "need --text FILE"),
 ])
 def test_eval_cli_rejects_bad_input(argv, message, tiny_llama, capsys):
     argv = [a.replace("{tiny}", str(tiny_llama())) for a in argv]

@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from vllm_plugins.cli import CLIError
-from vllm_plugins.evaluation.runner import BACKENDS, TASKS, EvalSettings
+from vllm_plugins.evaluation.runner import BACKENDS, TASKS, TEXT_TASKS, EvalSettings
 
 _DEFAULTS = {f.name: f.default for f in fields(EvalSettings) if not callable(f.default)}
 
@@ -27,7 +27,11 @@ def add_parser(subparsers):
     p.add_argument("--backend", choices=BACKENDS, default=_DEFAULTS["backend"],
                    help="server: lm-eval local-completions against vllm serve; offline: lm-eval's vllm backend")
     p.add_argument("--base-url", help="evaluate this running vllm serve instead of starting one (one --model)")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated, from {', '.join(TASKS + TEXT_TASKS)} "
+                        f"(default: {','.join(TASKS)}, or {','.join(TEXT_TASKS)} with --text)")
+    p.add_argument("--text", type=Path, default=None,
+                   help="a local text file (blank-line separated documents) for the text_* tasks")
     p.add_argument("--limit", type=int, default=_DEFAULTS["limit"], help="documents per task (default: all)")
     p.add_argument("--dtype", default=_DEFAULTS["dtype"])
     p.add_argument("--max-model-len", type=int, default=_DEFAULTS["max_model_len"])
@@ -55,17 +59,25 @@ def _parse_models(specs: list[str]) -> dict[str, Path]:
 
 def run(args) -> int:
     models = _parse_models(args.model)
+    if args.tasks is None:
+        args.tasks = ",".join(TEXT_TASKS if args.text else TASKS)
     tasks = tuple(t for t in args.tasks.split(",") if t)
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in TASKS + TEXT_TASKS]
     if unknown or not tasks:
-        raise CLIError(f"--tasks: unknown {unknown or tasks}; choose from {', '.join(TASKS)}")
+        raise CLIError(f"--tasks: unknown {unknown or tasks}; choose from {', '.join(TASKS + TEXT_TASKS)}")
+    if args.text is not None and not args.text.is_file():
+        raise CLIError(f"--text: {args.text} not found")
+    if args.text is None and any(t in TEXT_TASKS for t in tasks):
+        raise CLIError(f"--tasks {args.tasks}: the text_* tasks need --text FILE")
     if args.base_url and (len(models) != 1 or args.backend != "server"):
         raise CLIError("--base-url evaluates one running server: give exactly one --model and --backend server")
     settings = EvalSettings(backend=args.backend, tasks=tasks, limit=args.limit, dtype=args.dtype,
-                            max_model_len=args.max_model_len, hf_overrides=args.hf_overrides)
+                            max_model_len=args.max_model_len, hf_overrides=args.hf_overrides,
+                            text_file=args.text)
     if args.shared_dir is not None:
         settings.shared_dir = args.shared_dir
-    for name in ("tinystories_val.txt", "wikitext2_test.txt"):
+    needed = {"tinystories_lastword": "tinystories_val.txt", "wikitext2_ppl": "wikitext2_test.txt"}
+    for name in (needed[t] for t in tasks if t in needed):
         if not (Path(settings.shared_dir) / "data" / name).is_file():
             raise CLIError(f"--shared-dir: {settings.shared_dir}/data/{name} not found")
 
@@ -115,6 +127,8 @@ def _offline_in_subprocess(args, label: str, path: Path) -> dict:
             argv += ["--hf-overrides", json.dumps(args.hf_overrides)]
         if args.shared_dir is not None:
             argv += ["--shared-dir", str(args.shared_dir)]
+        if args.text is not None:
+            argv += ["--text", str(args.text)]
         proc = subprocess.run(argv, env=os.environ.copy())
         if proc.returncode != 0 or not out.exists():
             raise CLIError(f"--model {label}={path}: offline evaluation failed (exit {proc.returncode})")

@@ -16,6 +16,9 @@ from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASKS = ("tinystories_lastword", "wikitext2_ppl")
+# The same two measures over any local text file (``--text``): used by the
+# main job, whose held-out text is generated, not read from ../shared.
+TEXT_TASKS = ("text_lastword", "text_ppl")
 BACKENDS = ("server", "offline")
 
 # (task, lm-eval metric, column title, higher is better)
@@ -24,6 +27,9 @@ COLUMNS = [
     ("tinystories_lastword", "perplexity", "lastword ppl", False),
     ("wikitext2_ppl", "word_perplexity", "wikitext2 word ppl", False),
     ("wikitext2_ppl", "bits_per_byte", "wikitext2 bits/byte", False),
+    ("text_lastword", "acc", "text lastword acc", True),
+    ("text_lastword", "perplexity", "text lastword ppl", False),
+    ("text_ppl", "word_perplexity", "text word ppl", False),
 ]
 
 
@@ -40,13 +46,16 @@ class EvalSettings:
     num_concurrent: int = 8
     batch_size: int = 16
     hf_overrides: dict | None = None  # e.g. {"architectures": ["LlamaVariantForCausalLM"]}
+    text_file: Path | None = None  # the data of TEXT_TASKS
 
 
 def task_manager(settings: EvalSettings):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR),
-                       metadata={"shared_dir": str(Path(settings.shared_dir).resolve())})
+    metadata = {"shared_dir": str(Path(settings.shared_dir).resolve())}
+    if settings.text_file is not None:
+        metadata["text_file"] = str(Path(settings.text_file).resolve())
+    return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
 
 
 def _metrics(results: dict) -> dict[str, dict[str, float]]:

@@ -65,6 +65,24 @@ def wikitext2(shared_dir=None, **_):
     return _as_dataset(wikitext_documents(shared_data(shared_dir, WIKITEXT).read_text(encoding="utf-8")))
 
 
+def _text_file(text_file) -> str:
+    if not text_file:
+        raise FileNotFoundError("the text_* tasks need a text file: pass --text FILE")
+    return Path(text_file).read_text(encoding="utf-8")
+
+
+def text_lastword(text_file=None, **_):
+    """Last-word rows from every blank-line separated document of ``text_file``."""
+    text = _text_file(text_file)
+    return _as_dataset(last_word_rows("\n\n" + text.strip() + "\n\n", min_words=8))
+
+
+def text_ppl(text_file=None, **_):
+    """Each blank-line separated document of ``text_file`` as a rolling-perplexity page."""
+    blocks = [b.strip() for b in re.split(r"\n\s*\n", _text_file(text_file))]
+    return _as_dataset([{"page": b} for b in blocks if b])
+
+
 def wikitext_process_results(doc, results):
     (loglikelihood,) = results
     words = len(re.split(r"\s+", doc["page"]))
