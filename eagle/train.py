@@ -41,7 +41,7 @@ class TrainDrafterConfig:
     target_temperature: float = 0.1  # softmax temperature of the target's labels
     seq_len: int = 128
     batch_size: int = 8
-    steps: int = 1300
+    steps: int = 800
     lr: float = 1e-2
     warmup_steps: int = 20
     head_dim: int = 32
