@@ -31,13 +31,16 @@ def synthetic_corpus(num_stories: int = 400, seed: int = 0) -> list[str]:
     for _ in range(num_stories):
         a, b = rng.sample(_NAMES, 2)
         sentences = [f"Once upon a time, {a} went to the {rng.choice(_PLACES)}."]
+        first = None
         for _ in range(rng.randint(3, 7)):
+            adj, thing = rng.choice(_ADJ), rng.choice(_THINGS)
+            first = first or (adj, thing)
             sentences.append(
-                f"{rng.choice([a, b])} {rng.choice(_VERBS)} a {rng.choice(_ADJ)} "
-                f"{rng.choice(_THINGS)} in the {rng.choice(_PLACES)}."
+                f"{rng.choice([a, b])} {rng.choice(_VERBS)} a {adj} {thing} in the {rng.choice(_PLACES)}."
             )
-        # The closing word varies, so predicting it (a last-word task) needs the story.
-        sentences.append(f"In the end, {a} gave {b} the {rng.choice(_ADJ)} {rng.choice(_THINGS)}.")
+        # The closing word is the first thing of the story: a last-word task
+        # can only get it right by reading the story.
+        sentences.append(f"In the end, {a} gave {b} the {first[0]} {first[1]}.")
         stories.append(" ".join(sentences))
     return stories
 
