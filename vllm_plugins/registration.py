@@ -73,7 +73,7 @@ def _register_quant() -> list[str]:
     done = []
     for module in QUANT_MODULES:
         _import(module)
-        done.append(module.rsplit(".", 1)[-1])
+        done.append(module)
     return done
 
 
