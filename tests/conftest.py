@@ -4,6 +4,9 @@
   ``VLLM_PLUGINS_SHARED``). Missing data skips locally and fails under CI.
 - ``tiny_llama``: a factory that builds random-weight Llama checkpoints with a
   local tokenizer, cached per session by their arguments.
+- ``vllm_single_process``: vLLM's distributed state for world size 1 in this
+  process, set up once per session (torch.distributed can be initialised only
+  once per process, so every in-process vLLM layer test shares it).
 """
 
 from __future__ import annotations
@@ -51,3 +54,21 @@ def tiny_llama(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def vllm_single_process():
+    import torch.distributed as dist
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+
+    from vllm_plugins import register
+    from vllm_plugins.serving import free_port
+
+    register()
+    with set_current_vllm_config(VllmConfig()):
+        if not dist.is_initialized():
+            init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                         distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
+        ensure_model_parallel_initialized(1, 1)
+    yield

@@ -51,27 +51,20 @@ def vlm_drafter(vlm_target, synthetic_text, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vllm_drafter():
+def vllm_drafter(vllm_single_process):
     """``vllm_drafter(target_dir, draft_dir, cls=None, weights=None)``: build the
     vLLM drafter class in this process (no engine, no attention forward),
     with vLLM's own config parsing of both checkpoints, and load
     ``weights`` (default: the draft checkpoint's raw tensors). Returns
     ``(model, loaded_names, parameters_as_loaded)``."""
-    import socket
-
     import torch
-    import torch.distributed as dist
     from vllm.config import (
         DeviceConfig, ModelConfig, ParallelConfig, SpeculativeConfig, VllmConfig,
         set_current_vllm_config,
     )
-    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
-    import vllm_plugins
     from eagle.drafter import Eagle3MultimodalLlamaForCausalLM
-
-    vllm_plugins.register()
 
     def build(target: Path, draft: Path, cls=None, weights=None):
         model_config = ModelConfig(model=str(target), dtype="float32", enforce_eager=True,
@@ -82,12 +75,6 @@ def vllm_drafter():
         config = VllmConfig(model_config=model_config, parallel_config=parallel,
                             speculative_config=spec, device_config=DeviceConfig("cpu"))
         with set_current_vllm_config(config):
-            if not dist.is_initialized():
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
-                init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, "gloo")
-            ensure_model_parallel_initialized(1, 1)
             model = (cls or Eagle3MultimodalLlamaForCausalLM)(vllm_config=config)
             if weights is None:
                 weights = _raw_tensors(draft)

@@ -26,22 +26,11 @@ MAPPING = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_pr
 
 
 @pytest.fixture(scope="module")
-def vllm_tp1():
+def vllm_tp1(vllm_single_process):
     from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import (destroy_distributed_environment, destroy_model_parallel,
-                                  init_distributed_environment, initialize_model_parallel)
 
-    from vllm_plugins import register
-    from vllm_plugins.serving import free_port
-
-    register()
     with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                     distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
-        initialize_model_parallel(1, 1)
         yield
-        destroy_model_parallel()
-        destroy_distributed_environment()
 
 
 def _quant_config(qcfg):
