@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from models.llama_variant_config import ARCHITECTURE, MODEL_TYPE
 from vllm_plugins.cli import CLIError
+from vllm_plugins.outdir import staged_output_dir
 
 
 def add_parser(subparsers):
@@ -46,31 +45,18 @@ def run(args) -> int:
     if source.is_dir():
         if args.tokenizer is not None:
             raise CLIError("--tokenizer applies to llama2.c .bin sources only")
-        with _staged(output) as tmp:
+        with staged_output_dir(output) as tmp:
             convert_hf_llama(source, tmp)
     elif source.is_file():
         tokenizer = args.tokenizer or _find_llama2c_tokenizer(source)
         if not tokenizer.is_file():
             raise CLIError(f"tokenizer {tokenizer} not found")
-        with _staged(output) as tmp:
+        with staged_output_dir(output) as tmp:
             convert_llama2c(source, tokenizer, tmp)
     else:
         raise CLIError(f"source {source} not found")
     print(f"wrote {output}")
     return 0
-
-
-@contextmanager
-def _staged(output: Path):
-    """A temporary directory next to ``output``, renamed to it on success."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        yield tmp
-        tmp.rename(output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _find_llama2c_tokenizer(checkpoint: Path) -> Path:

@@ -12,8 +12,6 @@ downloaded and nothing is read from ``../shared``.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,13 +55,12 @@ def build_demo_model(out_dir: str | Path, config: DemoConfig = DemoConfig(), pro
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from models.tiny import build_tiny_llama, synthetic_corpus
+    from vllm_plugins.outdir import staged_output_dir
 
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_output_dir(out) as tmp:
         build_tiny_llama(
             tmp,
             hidden_size=config.hidden_size,
@@ -96,10 +93,6 @@ def build_demo_model(out_dir: str | Path, config: DemoConfig = DemoConfig(), pro
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "calib.txt").write_text("\n\n".join(synthetic_corpus(256, seed=config.seed + 1)) + "\n")
         (tmp / "heldout.txt").write_text("\n\n".join(synthetic_corpus(128, seed=config.seed + 2)) + "\n")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
