@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from eagle.checks import DrafterError, check_aux_layer_ids, check_vocab
 from eagle.features import decoder_stack, default_aux_layer_ids, target_features
 from eagle.layouts import LAYOUTS, write_drafter
 from eagle.torch_drafter import TorchEagle3Drafter
+from vllm_plugins.outdir import staged_output_dir
 
 
 @dataclass
@@ -41,7 +40,7 @@ class TrainDrafterConfig:
     target_temperature: float = 0.1  # softmax temperature of the target's labels
     seq_len: int = 128
     batch_size: int = 8
-    steps: int = 800
+    steps: int = 1600  # 800 gave mean acceptance 2.00, 1600 gave 2.14 (TinyStories-656K, K=3)
     lr: float = 1e-2
     warmup_steps: int = 20
     head_dim: int = 32
@@ -313,19 +312,11 @@ def train_drafter(cfg: TrainDrafterConfig) -> Path:
 def export(drafter: TorchEagle3Drafter, dcfg: dict, cfg: TrainDrafterConfig, tokenizer) -> Path:
     """Write atomically: a temporary sibling directory renamed into place."""
     state = {k: v.detach().clone() for k, v in drafter.state_dict().items()}
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".train-drafter-", dir=cfg.out.parent))
-    try:
+    with staged_output_dir(cfg.out) as tmp:
         write_drafter(tmp, state, dcfg, cfg.layout, verifier=str(cfg.target),
                       speculative_tokens=cfg.ttt_steps)
         tokenizer.save_pretrained(tmp)
         (tmp / "train_drafter.json").write_text(json.dumps(
             {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
             indent=2) + "\n")
-        if cfg.out.exists():
-            cfg.out.rmdir()
-        tmp.rename(cfg.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return cfg.out

@@ -4,11 +4,11 @@ TinyStories text:
 
 - lossless: outputs identical to the target alone (same process, vLLM);
 - acceptance: vLLM's mean acceptance length (from its spec-decode
-  counters) is at least ACCEPTANCE_FLOOR.
+  counters) is at least 2.0, the issue's target (a drafter that learned
+  nothing scores about 1.0; the defaults measured 2.14 here).
 
-Issue 6 asks for 2.0. The defaults measured 1.94 here (see the README), so
-the issue stays open; the floor below is a regression guard (a drafter that
-learned nothing scores about 1.0), not the target.
+48 prompts (about 1500 drafts) keep the figure's spread between prompt
+sets near 0.04; 16 prompts gave 1.97 where 48 gave 2.00 for one drafter.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VARIANT = {"architectures": ["LlamaVariantForCausalLM"]}
-PROMPT_TOKENS, MAX_TOKENS, NUM_PROMPTS = 24, 64, 16
-ACCEPTANCE_FLOOR = 1.75
+PROMPT_TOKENS, MAX_TOKENS, NUM_PROMPTS = 24, 64, 48
+ACCEPTANCE_TARGET = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -80,4 +80,4 @@ def test_mean_acceptance_length(run, record_property):
     record_property("mean_acceptance_length", mal)
     print(f"\nTinyStories-656K, K=3: mean acceptance length {mal:.3f} "
           f"(accepted per position {spec['num_accepted_tokens_per_pos']}, drafts {spec['num_drafts']})")
-    assert mal >= ACCEPTANCE_FLOOR
+    assert mal >= ACCEPTANCE_TARGET
