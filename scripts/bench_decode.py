@@ -102,8 +102,8 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", default="1,16")
-    p.add_argument("--aten-int4", action="store_true",
-                   help="also run W4A16 with CPUWNA16 disabled (this package's aten int4 kernel)")
+    p.add_argument("--cpuwna16", action="store_true",
+                   help="also run W4A16 on vLLM's CPUWNA16 kernel (this package's aten int4 kernel disabled)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
@@ -112,8 +112,8 @@ def main() -> int:
     n_params = sum(math.prod(shape) for shape in _shapes(src))
     runs = {"bf16": (src, None), "w4a16": (export(src, args.work, "w4a16"), None),
             "w8a8": (export(src, args.work, "w8a8"), None)}
-    if args.aten_int4:
-        runs["w4a16 (aten int4)"] = (runs["w4a16"][0], {"VLLM_DISABLED_KERNELS": "CPUWNA16LinearKernel"})
+    if args.cpuwna16:
+        runs["w4a16 (vLLM CPUWNA16)"] = (runs["w4a16"][0], {"VLLM_DISABLED_KERNELS": "TorchInt4CPULinearKernel"})
     results = {name: measure(ckpt, batches, args.new_tokens, args.repeats, env) for name, (ckpt, env) in runs.items()}
 
     print(f"\nDecode tokens/s, random Llama {n_params / 1e9:.2f}B params, vLLM CPU, bf16 activations, "

@@ -145,13 +145,27 @@ def test_w4a16_fallback_shapes_vs_float64(vllm_tp1, kind, in_f, outs):
     _check(y, ref, "w4a16", torch.float32)
 
 
-def test_torch_int4_cpu_kernel_direct(vllm_tp1, monkeypatch):
-    """Our aten int4 kernel, even on builds where vLLM's CPUWNA16 would be chosen."""
-    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "CPUWNA16LinearKernel")
+def test_torch_int4_cpu_kernel_preferred(vllm_tp1):
+    """The native method runs our aten int4 kernel on CPU, also where vLLM
+    would choose CPUWNA16 (bf16 on builds with cpu_gemm_wna16)."""
     for dtype in (torch.float32, torch.bfloat16):
         y, ref, method = _run("qkv", 128, [128, 64, 64], {"scheme": "w4a16", "group_size": 32}, dtype)
         assert method.kernel_name == "TorchInt4CPULinearKernel"
         _check(y, ref, "w4a16", dtype)
+
+
+def test_cpuwna16_when_ours_disabled(vllm_tp1, monkeypatch):
+    """VLLM_DISABLED_KERNELS=TorchInt4CPULinearKernel gives vLLM's own CPU choice:
+    CPUWNA16 where its op exists (bf16), else the logged torch fallback."""
+    from vllm_plugins.quantization.cpu_int4 import cpu_gemm_wna16_available
+
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "TorchInt4CPULinearKernel")
+    y, ref, method = _run("qkv", 128, [128, 64, 64], {"scheme": "w4a16", "group_size": 32}, torch.bfloat16)
+    if cpu_gemm_wna16_available():
+        assert method.kernel_name == "CPUWNA16LinearKernel"
+    else:
+        assert method.kernel is None and "cpu_gemm_wna16" in method.fallback_reason
+    _check(y, ref, "w4a16", torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

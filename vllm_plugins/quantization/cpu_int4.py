@@ -103,13 +103,23 @@ class TorchInt4CPULinearKernel(MPLinearKernel):
 
     @classmethod
     def can_implement(cls, c: MPLinearLayerConfig) -> tuple[bool, str | None]:
-        if not current_platform.is_cpu():
-            return False, "CPU only"
-        if not aten_int4_available():
-            return False, f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
+        """In vLLM's kernel choice (in-tree ``gptq``, compressed-tensors): only
+        the layers ``CPUWNA16`` cannot run, so vLLM's own choice stands
+        wherever it works. See :meth:`supports` for the capability alone."""
         if (cpu_wna16_problem(c.act_type) is None and CPUWNA16LinearKernel.can_implement(c)[0]
                 and CPUWNA16LinearKernel.__name__ not in envs.VLLM_DISABLED_KERNELS):
             return False, "CPUWNA16LinearKernel runs this layer (cpu_gemm_wna16 present, bf16/fp16)"
+        return cls.supports(c)
+
+    @classmethod
+    def supports(cls, c: MPLinearLayerConfig) -> tuple[bool, str | None]:
+        """Whether this kernel can run the layer here (``VLLM_DISABLED_KERNELS`` included)."""
+        if not current_platform.is_cpu():
+            return False, "CPU only"
+        if cls.__name__ in envs.VLLM_DISABLED_KERNELS:
+            return False, f"{cls.__name__} is in VLLM_DISABLED_KERNELS"
+        if not aten_int4_available():
+            return False, f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
         if c.weight_type != scalar_types.uint4b8 or c.zero_points:
             return False, f"only symmetric uint4b8 without zero points, got {c.weight_type}"
         if c.act_type not in ACT_DTYPES:

@@ -3,7 +3,7 @@
 Parameters use vLLM's parameter classes, so the stock weight loaders shard
 them for column, row and fused (qkv / gate_up) layers under tensor
 parallelism. The GEMM comes from vLLM's ``choose_mp_linear_kernel`` (Marlin
-or Machete on CUDA, ``CPUWNA16`` or :mod:`.cpu_int4` on CPU); shapes no
+or Machete on CUDA; on CPU :mod:`.cpu_int4`, else ``CPUWNA16``); shapes no
 kernel takes run the torch reference in :mod:`.packing`.
 
 act_order checkpoints carry ``g_idx``. vLLM 0.32's kernels take no ``g_idx``,
@@ -133,16 +133,19 @@ class W4A16LinearMethod(LinearMethodBase):
         except ValueError as exc:
             return " ".join(str(exc).split())[:300]
         if kernel_type.__name__ == "CPUWNA16LinearKernel":
-            # vLLM picks it without checking that its op exists in this build
-            # or takes this activation dtype (it has no float32 path).
+            # On CPU this method prefers the aten int4 kernel: it decodes faster
+            # than CPUWNA16 at batch 1 and 16 (scripts/bench_decode.py), and
+            # CPUWNA16 is picked without checking that its op exists in this
+            # build or takes this activation dtype (it has no float32 path).
+            # VLLM_DISABLED_KERNELS=TorchInt4CPULinearKernel restores vLLM's choice.
             from vllm_plugins.quantization.cpu_int4 import TorchInt4CPULinearKernel, cpu_wna16_problem
 
+            ok, why = TorchInt4CPULinearKernel.supports(config)
             problem = cpu_wna16_problem(config.act_type)
-            if problem is not None:
-                ok, why = TorchInt4CPULinearKernel.can_implement(config)
-                if not ok:
-                    return f"CPUWNA16LinearKernel: {problem}; TorchInt4CPULinearKernel: {why}"
+            if ok:
                 kernel_type = TorchInt4CPULinearKernel
+            elif problem is not None:
+                return f"CPUWNA16LinearKernel: {problem}; TorchInt4CPULinearKernel: {why}"
         self.kernel = kernel_type(config, w_q_param_name="qweight", w_s_param_name="scales")
         return None
 
