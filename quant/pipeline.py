@@ -28,7 +28,7 @@ from quant.checkpoint import ShardReader, ShardWriter, atomic_output_dir, check_
 from quant.config import LayerScheme, QuantConfig
 from quant.errors import QuantInputError
 from quant.export import linear_tensors, quantization_config
-from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize, layer_output_error,
+from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize_shared, layer_output_error,
                         prepare_hessian, rtn_quantize, smoothquant_scales)
 from quant.model import DecoderSkeleton, run_layer
 
@@ -173,24 +173,28 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                 for m in linears.values():
                     m.weight.mul_(s)
             h = h / s.unsqueeze(1) / s.unsqueeze(0)
-        prepared = None
         if config.method == "gptq":
             try:  # one inverse Hessian for every linear of the group
                 prepared = prepare_hessian(h, config.damp_percent, config.act_order, config.max_damp_retries)
             except HessianError as exc:
                 raise HessianError(f"{', '.join(todo)}: {exc}") from None
-        for name, lin in linears.items():
-            w = lin.weight.detach()
-            if config.method == "gptq":
-                res = gptq_quantize(w, h, schemes[name], damp_percent=config.damp_percent,
-                                    block_size=config.block_size, act_order=config.act_order, prepared=prepared)
-            else:
-                res = rtn_quantize(w, schemes[name])
-            errors[name] = layer_output_error(w, res, h)
+            by_scheme: dict[LayerScheme, list[str]] = {}
+            for name in todo:
+                by_scheme.setdefault(schemes[name], []).append(name)
+            for scheme, names in by_scheme.items():  # one column loop for all linears of a scheme
+                outs = gptq_quantize_shared([linears[n].weight for n in names], h, scheme,
+                                            block_size=config.block_size, act_order=config.act_order,
+                                            prepared=prepared)
+                results.update(zip(names, outs))
+            del prepared
+        else:
+            results.update((name, rtn_quantize(linears[name].weight, schemes[name])) for name in todo)
+        for name in todo:
+            lin, res = linears[name], results[name]
+            errors[name] = layer_output_error(lin.weight.detach(), res, h)
             with torch.no_grad():
                 lin.weight.copy_(res.dequantize())
-            results[name] = res
-        del h, prepared
+        del h
     return results, errors
 
 
