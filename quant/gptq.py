@@ -44,6 +44,17 @@ class QuantResult:
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return (self.q.to(torch.float32) * self.scales.to(torch.float32)[:, self.g_idx.long()]).to(dtype)
 
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`dequantize` written into the float32 ``out`` ``[out, in]`` without ``[out, in]`` temporaries."""
+        out_f, in_f = self.q.shape
+        n_groups = self.scales.shape[1]
+        gsize = in_f // n_groups
+        if not torch.equal(self.g_idx.long(), torch.arange(in_f) // gsize):  # not contiguous groups
+            return out.copy_(self.dequantize())
+        out.copy_(self.q)
+        out.view(out_f, n_groups, gsize).mul_(self.scales.to(torch.float32).unsqueeze(2))
+        return out
+
 
 def qrange(scheme: LayerScheme) -> tuple[int, int]:
     return (-8, 7) if scheme.bits == 4 else (-127, 127)
@@ -145,6 +156,14 @@ def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, max_retries: in
     The factor is returned in ``dtype``.
     """
     import numpy as np
+
+    flipped_inverse = _reversed_inverse_factor(hessian, damp_percent, max_retries)
+    return torch.from_numpy(np.ascontiguousarray(flipped_inverse[::-1, ::-1], dtype=_NUMPY_DTYPES[dtype]))
+
+
+def _reversed_inverse_factor(hessian: torch.Tensor, damp_percent: float, max_retries: int):
+    """``L⁻¹`` of :func:`inverse_cholesky` (float64 numpy, Fortran order, in its own buffer); ``U = J L⁻¹ J``."""
+    import numpy as np
     from scipy.linalg import lapack
 
     n = hessian.shape[0]
@@ -163,8 +182,7 @@ def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, max_retries: in
                 inv, info = lapack.dtrtri(lower, lower=1, overwrite_c=1)
                 del lower
                 if info == 0 and np.isfinite(inv).all():
-                    out = np.ascontiguousarray(inv[::-1, ::-1], dtype=_NUMPY_DTYPES[dtype])
-                    return torch.from_numpy(out)
+                    return inv
                 raise HessianError(f"the inverse Hessian is not positive definite (dampening {damp:g} x mean(diag H)); "
                                    "use more calibration samples or raise --damp-percent")
             del lower
@@ -175,11 +193,24 @@ def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, max_retries: in
 
 @dataclass
 class PreparedHessian:
-    """What GPTQ needs from a Hessian: dead inputs, column order and the upper Cholesky factor of H⁻¹."""
+    """What GPTQ needs from a Hessian: dead inputs, column order and the upper Cholesky factor of H⁻¹.
+
+    The factor stays in its float64 LAPACK buffer (as ``J L⁻¹ J``, see
+    :func:`inverse_cholesky`); GPTQ reads it one block of rows at a time in
+    float32, so no second ``[in, in]`` matrix is ever made from it.
+    """
 
     dead: torch.Tensor  # bool [in]
     perm: torch.Tensor  # processing order of the columns
-    hinv: torch.Tensor  # float32 [in, in], rows/columns in ``perm`` order
+    flipped_inverse: object  # float64 numpy [in, in] (Fortran order), rows/columns in reversed ``perm`` order
+
+    def upper_rows(self, i1: int, i2: int) -> torch.Tensor:
+        """Rows ``i1:i2``, columns ``i1:`` of the upper factor ``U``, float32 (the values of ``U.float()``)."""
+        import numpy as np
+
+        n = self.flipped_inverse.shape[0]
+        rows = self.flipped_inverse[n - i2:n - i1, :n - i1][::-1, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
 
 
 def prepare_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order: bool = False,
@@ -193,9 +224,9 @@ def prepare_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True)
         h = h[perm][:, perm]
-    upper = inverse_cholesky(h, damp_percent, max_damp_retries, dtype=torch.float32)
+    factor = _reversed_inverse_factor(h, damp_percent, max_damp_retries)
     del h
-    return PreparedHessian(dead, perm, upper)
+    return PreparedHessian(dead, perm, factor)
 
 
 def gptq_quantize(
@@ -246,7 +277,7 @@ def gptq_quantize_shared(
     check_group_size(in_f, scheme, "the weight")
     if prepared is None:
         prepared = prepare_hessian(hessian, damp_percent, act_order, max_damp_retries)
-    dead, perm, hinv = prepared.dead, prepared.perm, prepared.hinv
+    dead, perm = prepared.dead, prepared.perm
     w[:, dead] = 0
 
     n_groups = scheme.n_groups(in_f)
@@ -274,7 +305,8 @@ def gptq_quantize_shared(
             i2 = min(i1 + block_size, in_f)
             w1 = wt[i1:i2]  # a view: updated in place
             err1 = torch.empty_like(w1)
-            hinv1 = hinv[i1:i2, i1:i2]
+            rows = prepared.upper_rows(i1, i2)  # U[i1:i2, i1:]
+            hinv1 = rows[:, :i2 - i1]
             diag = hinv1.diagonal()
             for i in range(i2 - i1):
                 col = i1 + i
@@ -288,7 +320,7 @@ def gptq_quantize_shared(
                 e = torch.div(wcol - q * s, diag[i], out=err1[i])
                 w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
             losses += err1.double().square_().sum(0) / 2
-            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
+            wt[i2:].addmm_(rows[:, i2 - i1:].t(), err1, alpha=-1)
 
     q_all = (qt[torch.argsort(perm)] if act_order else qt).t()
     scales = scales.t().to(SCALE_DTYPES[scheme.scheme])

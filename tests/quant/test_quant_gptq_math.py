@@ -108,6 +108,17 @@ def test_rtn_is_round_to_nearest():
     assert torch.equal(res.q.double(), torch.clamp(torch.round(w.float().double() / s), -127, 127))
 
 
+@pytest.mark.parametrize("scheme", [W4, W4_CHANNEL, W8], ids=["w4-g32", "w4-channel", "w8-channel"])
+def test_dequantize_into_writes_q_times_scale(scheme):
+    w, _ = _problem()
+    res = rtn_quantize(w.float(), scheme)
+    out = torch.empty(w.shape, dtype=torch.float32)
+    res.dequantize_into(out)
+    gsize = w.shape[1] // res.scales.shape[1]
+    exact = res.q.double() * res.scales.double().repeat_interleave(gsize, dim=1)  # exact in float64
+    assert torch.equal(out, exact.float())  # float32 products are the correctly rounded exact ones
+
+
 def test_cholesky_retries_dampening_then_fails_clearly():
     x = torch.randn(4, 16, dtype=torch.float64)  # rank 4 < 16: needs dampening
     h = 2 * x.t() @ x / 4
