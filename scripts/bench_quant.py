@@ -231,6 +231,9 @@ def main() -> int:
                 print(json.dumps(rows[-1]), flush=True)
     (work / "results.json").write_text(json.dumps(rows, indent=2))
     print_table(rows)
+    print(f"calibration: the same {args.num_samples} windows of {args.seqlen} tokens for every tool and model "
+          f"({args.num_samples * args.seqlen} tokens; float32 layer inputs of the 1b model: "
+          f"{args.num_samples * args.seqlen * MODELS['1b']['hidden_size'] * 4 / 2**20:.0f} MiB)")
     return 0
 
 
