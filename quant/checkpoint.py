@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from quant.errors import QuantInputError
+from vllm_plugins.outdir import staged_output_dir
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -118,14 +118,69 @@ class ShardReader:
             raise QuantInputError(f"{path}: truncated while reading {name}")
         return buf.view(dtype).reshape(shape)
 
+    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (sorted, unique int64) of the 2-D tensor ``name``, read one by one."""
+        path, dtype, shape, start, stop = self.entries[name]
+        if len(shape) != 2 or (rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < shape[0]):
+            raise QuantInputError(f"{path}: tensor {name} of shape {list(shape)} has no rows {rows.min()}..{rows.max()}")
+        row_bytes = (stop - start) // shape[0]
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = open(path, "rb")  # noqa: SIM115 - closed by open()'s exit
+        buf = torch.empty(rows.numel(), row_bytes, dtype=torch.uint8)
+        for i, r in enumerate(rows.tolist()):
+            handle.seek(start + r * row_bytes)
+            if handle.readinto(memoryview(buf[i].numpy())) != row_bytes:
+                raise QuantInputError(f"{path}: truncated while reading {name}")
+        return buf.view(dtype)
+
     def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read tensors grouped by shard, in file order."""
         order = sorted(names, key=lambda n: (str(self.entries[n][0]), self.entries[n][3]))
         return {n: self.read(n) for n in order}
 
 
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+COPY_CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor of a :class:`ShardReader`, copied to an output shard in chunks, never loaded whole."""
+
+    reader: ShardReader
+    name: str
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` without a copy (a contiguous copy only when ``t`` is not contiguous)."""
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _copy_stored(src: StoredTensor, out) -> None:
+    """Chunked copy with the NaN/Inf check of a full read, at most ``COPY_CHUNK_BYTES`` in memory."""
+    path, dtype, _, start, stop = src.reader.entries[src.name]
+    item = torch.empty(0, dtype=dtype).element_size()
+    step = max(item, COPY_CHUNK_BYTES // item * item)
+    with open(path, "rb") as f:
+        f.seek(start)
+        for pos in range(start, stop, step):
+            n = min(step, stop - pos)
+            buf = torch.empty(n, dtype=torch.uint8)
+            if f.readinto(memoryview(buf.numpy())) != n:
+                raise QuantInputError(f"{path}: truncated while reading {src.name}")
+            if dtype.is_floating_point and not torch.isfinite(buf.view(dtype)).all():
+                raise QuantInputError(f"{path}: tensor {src.name} has NaN or Inf values")
+            out.write(memoryview(buf.numpy()))
+
+
 class ShardWriter:
-    """Writes ``model-0000i-of-0000N.safetensors`` one shard at a time, then the index."""
+    """Writes ``model-0000i-of-0000N.safetensors`` one shard at a time, then the index.
+
+    Shards are written straight from the tensors' memory (``safetensors.save_file``
+    would first copy every tensor into a bytes object); a :class:`StoredTensor`
+    is streamed from its source shard.
+    """
 
     def __init__(self, out_dir: Path, num_shards: int):
         self.dir = out_dir
@@ -134,16 +189,34 @@ class ShardWriter:
         self.total_size = 0
         self._next = 1
 
-    def write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
+    def write_shard(self, tensors: dict[str, torch.Tensor | StoredTensor]) -> None:
         if self._next > self.num_shards:
             raise RuntimeError("more shards written than announced")
         name = f"model-{self._next:05d}-of-{self.num_shards:05d}.safetensors"
         self._next += 1
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(self.dir / name), metadata={"format": "pt"})
-        for k, v in tensors.items():
-            self.index[k] = name
-            self.total_size += v.numel() * v.element_size()
+        header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key, value in tensors.items():
+            if isinstance(value, StoredTensor):
+                _, dtype, shape, start, stop = value.reader.entries[value.name]
+                size = stop - start
+            else:
+                dtype, shape, size = value.dtype, tuple(value.shape), value.numel() * value.element_size()
+            header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(self.dir / name, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for value in tensors.values():
+                if isinstance(value, StoredTensor):
+                    _copy_stored(value, f)
+                else:
+                    f.write(_tensor_bytes(value))
+        for key in tensors:
+            self.index[key] = name
+        self.total_size += offset
 
     def finish(self) -> None:
         if self._next != self.num_shards + 1:
@@ -171,25 +244,14 @@ def check_output_dir(out: Path, source: Path, force: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, force: bool):
-    """Yield a temporary directory next to ``out``; rename it onto ``out`` on success, delete it on error."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    """:func:`vllm_plugins.outdir.staged_output_dir`, with ``--force`` replacing an output that
+    appeared meanwhile (and a clear error otherwise)."""
+    written = False
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        if not force:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise QuantInputError(f"--out {out}: appeared while quantizing (pass --force to replace it)")
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+        with staged_output_dir(out, replace=force) as tmp:
+            yield tmp
+            written = True
+    except FileExistsError:
+        if not written:
+            raise
+        raise QuantInputError(f"--out {out}: appeared while quantizing (pass --force to replace it)") from None

@@ -16,6 +16,7 @@ Dequantized weight: ``W = q · scale``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from quant.config import LayerScheme
 
 SCALE_DTYPES = {"w4a16": torch.float16, "w8a8": torch.float32}
+_NUMPY_DTYPES = {torch.float64: "float64", torch.float32: "float32"}
 
 
 class HessianError(RuntimeError):
@@ -41,6 +43,17 @@ class QuantResult:
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return (self.q.to(torch.float32) * self.scales.to(torch.float32)[:, self.g_idx.long()]).to(dtype)
+
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`dequantize` written into the float32 ``out`` ``[out, in]`` without ``[out, in]`` temporaries."""
+        out_f, in_f = self.q.shape
+        n_groups = self.scales.shape[1]
+        gsize = in_f // n_groups
+        if not torch.equal(self.g_idx.long(), torch.arange(in_f) // gsize):  # not contiguous groups
+            return out.copy_(self.dequantize())
+        out.copy_(self.q)
+        out.view(out_f, n_groups, gsize).mul_(self.scales.to(torch.float32).unsqueeze(2))
+        return out
 
 
 def qrange(scheme: LayerScheme) -> tuple[int, int]:
@@ -108,59 +121,112 @@ def accumulate_hessian(hessian: torch.Tensor | None, nsamples: int, x: torch.Ten
     return hessian, total
 
 
-def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, max_retries: int = 5) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` computed in float64, ``λ = damp · mean(diag H)``.
+@contextlib.contextmanager
+def single_threaded():
+    """Run torch and BLAS/LAPACK on one thread inside the block.
 
-    On failure the dampening is multiplied by 10 and retried ``max_retries``
-    times, then :class:`HessianError` is raised. Works in place so that at
-    most two float64 ``[in, in]`` matrices are alive at a time.
+    GPTQ's column loop is thousands of tiny, latency-bound ops and the
+    factorizations are small LAPACK calls: extra threads only add
+    synchronisation, and on shared or oversubscribed cores their busy-waiting
+    made them up to 50x slower here (measured in ``scripts/bench_quant.py``'s notes).
     """
-    h = hessian.to(torch.float64, copy=True)
-    mean_diag = float(torch.diagonal(h).mean())
-    if mean_diag <= 0 or not torch.isfinite(h).all():
+    from threadpoolctl import threadpool_limits
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, max_retries: int = 5,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹ = UᵀU`` computed in float64, ``λ = damp · mean(diag H)``.
+
+    With ``J`` the reversal permutation and ``J H J = L Lᵀ`` (lower Cholesky),
+    ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a
+    positive diagonal, hence *the* Cholesky factor of ``H⁻¹``. So one
+    Cholesky and one triangular inverse (LAPACK ``potrf``, ``trtri``), both in
+    place on a single float64 ``[in, in]`` buffer, replace the reference's
+    Cholesky, inverse and Cholesky of the inverse (half the flops, one float64
+    matrix alive instead of two). On failure the dampening is multiplied by 10
+    and retried ``max_retries`` times, then :class:`HessianError` is raised.
+    The factor is returned in ``dtype``.
+    """
+    import numpy as np
+
+    flipped_inverse = _reversed_inverse_factor(hessian, damp_percent, max_retries)
+    return torch.from_numpy(np.ascontiguousarray(flipped_inverse[::-1, ::-1], dtype=_NUMPY_DTYPES[dtype]))
+
+
+def _reversed_inverse_factor(hessian: torch.Tensor, damp_percent: float, max_retries: int):
+    """``L⁻¹`` of :func:`inverse_cholesky` (float64 numpy, Fortran order, in its own buffer); ``U = J L⁻¹ J``."""
+    import numpy as np
+    from scipy.linalg import lapack
+
+    n = hessian.shape[0]
+    src = hessian.detach().cpu().numpy()[::-1, ::-1]  # J H J, a view
+    mean_diag = float(np.diagonal(src).astype(np.float64).mean())
+    if not mean_diag > 0 or not torch.isfinite(hessian).all():
         raise HessianError("the Hessian has no positive diagonal (all calibration inputs are zero or not finite)")
-    damp, applied = damp_percent, 0.0
-    for _ in range(max_retries + 1):
-        h.diagonal().add_((damp - applied) * mean_diag)
-        applied = damp
-        lower, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            del h
-            inv = torch.cholesky_inverse(lower)
+    buf = np.empty((n, n), dtype=np.float64, order="F")  # LAPACK works in place on Fortran order only
+    damp = damp_percent
+    with single_threaded():
+        for _ in range(max_retries + 1):
+            buf[...] = src
+            np.einsum("ii->i", buf)[...] += damp * mean_diag
+            lower, info = lapack.dpotrf(buf, lower=1, clean=1, overwrite_a=1)
+            if info == 0:
+                inv, info = lapack.dtrtri(lower, lower=1, overwrite_c=1)
+                del lower
+                if info == 0 and np.isfinite(inv).all():
+                    return inv
+                raise HessianError(f"the inverse Hessian is not positive definite (dampening {damp:g} x mean(diag H)); "
+                                   "use more calibration samples or raise --damp-percent")
             del lower
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            del inv
-            if int(info) == 0 and torch.isfinite(upper).all():
-                return upper
-            raise HessianError(f"the inverse Hessian is not positive definite (dampening {damp:g} x mean(diag H)); "
-                               "use more calibration samples or raise --damp-percent")
-        del lower
-        damp *= 10
+            damp *= 10
     raise HessianError(f"Cholesky failed even with dampening {damp / 10:g} x mean(diag H); "
                        "use more calibration samples or raise --damp-percent")
 
 
 @dataclass
 class PreparedHessian:
-    """What GPTQ needs from a Hessian: dead inputs, column order and the upper Cholesky factor of H⁻¹."""
+    """What GPTQ needs from a Hessian: dead inputs, column order and the upper Cholesky factor of H⁻¹.
+
+    The factor stays in its float64 LAPACK buffer (as ``J L⁻¹ J``, see
+    :func:`inverse_cholesky`); GPTQ reads it one block of rows at a time in
+    float32, so no second ``[in, in]`` matrix is ever made from it.
+    """
 
     dead: torch.Tensor  # bool [in]
     perm: torch.Tensor  # processing order of the columns
-    hinv: torch.Tensor  # float32 [in, in], rows/columns in ``perm`` order
+    flipped_inverse: object  # float64 numpy [in, in] (Fortran order), rows/columns in reversed ``perm`` order
+
+    def upper_rows(self, i1: int, i2: int) -> torch.Tensor:
+        """Rows ``i1:i2``, columns ``i1:`` of the upper factor ``U``, float32 (the values of ``U.float()``)."""
+        import numpy as np
+
+        n = self.flipped_inverse.shape[0]
+        rows = self.flipped_inverse[n - i2:n - i1, :n - i1][::-1, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
 
 
 def prepare_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order: bool = False,
                     max_damp_retries: int = 5) -> PreparedHessian:
-    h = hessian.to(torch.float32, copy=True)
+    h = hessian.to(torch.float32)
     dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
+    if bool(dead.any()):
+        h = h.clone()
+        h[dead, dead] = 1
     perm = torch.arange(h.shape[0])
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True)
         h = h[perm][:, perm]
-    upper = inverse_cholesky(h, damp_percent, max_damp_retries)
+    factor = _reversed_inverse_factor(h, damp_percent, max_damp_retries)
     del h
-    return PreparedHessian(dead, perm, upper.to(torch.float32))
+    return PreparedHessian(dead, perm, factor)
 
 
 def gptq_quantize(
@@ -181,57 +247,90 @@ def gptq_quantize(
     ``g_idx[i] = i // group_size`` stays the natural order. ``prepared``
     (from :func:`prepare_hessian`) shares one inverse among linears fed the same input.
     """
-    w = weight.to(torch.float32).clone()
+    return gptq_quantize_shared([weight], hessian, scheme, damp_percent=damp_percent, block_size=block_size,
+                                act_order=act_order, max_damp_retries=max_damp_retries, prepared=prepared)[0]
+
+
+def gptq_quantize_shared(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor,
+    scheme: LayerScheme,
+    *,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    max_damp_retries: int = 5,
+    prepared: "PreparedHessian | None" = None,
+) -> list[QuantResult]:
+    """GPTQ of linears fed the same input (one Hessian) with the same scheme, in one column loop.
+
+    GPTQ's rows are independent given ``H``: every operation below is per row
+    except the lazy-block products, so stacking the weights along the output
+    dimension (q/k/v, gate/up) and splitting the result gives each linear the
+    integers of its own :func:`gptq_quantize` call, with one Python loop over
+    the columns instead of one per linear. Columns are kept as contiguous rows
+    of ``Wᵀ`` so that each step touches contiguous memory.
+    """
+    sizes = [w.shape[0] for w in weights]
+    w = torch.cat([w.detach().to(torch.float32) for w in weights])  # a copy: the inputs stay untouched
     out_f, in_f = w.shape
     check_group_size(in_f, scheme, "the weight")
     if prepared is None:
         prepared = prepare_hessian(hessian, damp_percent, act_order, max_damp_retries)
-    dead, perm, hinv = prepared.dead, prepared.perm, prepared.hinv
+    dead, perm = prepared.dead, prepared.perm
     w[:, dead] = 0
 
     n_groups = scheme.n_groups(in_f)
     gsize = in_f // n_groups
     g_idx = default_g_idx(in_f, scheme)
-    scales = torch.zeros(out_f, n_groups, dtype=torch.float32)
+    scales = torch.zeros(n_groups, out_f, dtype=torch.float32)  # transposed: one contiguous row per group
     static = n_groups == 1 or act_order
     if static:
         for g in range(n_groups):
-            scales[:, g] = compute_scales(w[:, g * gsize:(g + 1) * gsize], scheme)
+            scales[g] = compute_scales(w[:, g * gsize:(g + 1) * gsize], scheme)
 
-    w = w[:, perm]
-    col_group = g_idx[perm].long()
+    wt = w.t()[perm] if act_order else w.t().contiguous()  # [in, out], rows in processing order
+    del w
+    col_group = g_idx[perm].tolist()
+    lo, hi = qrange(scheme)
 
     # A group must not straddle two lazy blocks when its scale is computed in-block.
     if not static and block_size % gsize:
         block_size = gsize * -(-block_size // gsize)
 
-    q_all = torch.zeros_like(w)
+    qt = torch.empty(in_f, out_f, dtype=torch.int8)
     losses = torch.zeros(out_f, dtype=torch.float64)
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not static and col % gsize == 0:
-                # Scales from the error-updated weights of the whole group (all inside this block).
-                scales[:, col // gsize] = compute_scales(w1[:, i:i + gsize], scheme)
-            s = scales[:, col_group[col]]
-            wcol = w1[:, i]
-            q = quantize_to_grid(wcol.unsqueeze(1), s, scheme).squeeze(1)
-            q_all[:, col] = q
-            d = hinv1[i, i]
-            e = (wcol - q * s) / d
-            losses += (e.double() ** 2) / 2
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    with single_threaded():
+        for i1 in range(0, in_f, block_size):
+            i2 = min(i1 + block_size, in_f)
+            w1 = wt[i1:i2]  # a view: updated in place
+            err1 = torch.empty_like(w1)
+            rows = prepared.upper_rows(i1, i2)  # U[i1:i2, i1:]
+            hinv1 = rows[:, :i2 - i1]
+            diag = hinv1.diagonal()
+            for i in range(i2 - i1):
+                col = i1 + i
+                if not static and col % gsize == 0:
+                    # Scales from the error-updated weights of the whole group (all inside this block).
+                    scales[col // gsize] = compute_scales(w1[i:i + gsize].t(), scheme)
+                s = scales[col_group[col]]
+                wcol = w1[i]
+                q = torch.clamp(torch.round(wcol / s), lo, hi)
+                qt[col] = q
+                e = torch.div(wcol - q * s, diag[i], out=err1[i])
+                w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
+            losses += err1.double().square_().sum(0) / 2
+            wt[i2:].addmm_(rows[:, i2 - i1:].t(), err1, alpha=-1)
 
-    inv_perm = torch.argsort(perm)
-    q_all = q_all[:, inv_perm]
-    return QuantResult(q_all.to(torch.int8), scales.to(SCALE_DTYPES[scheme.scheme]), g_idx, scheme,
-                       float(losses.sum()))
+    q_all = (qt[torch.argsort(perm)] if act_order else qt).t()
+    scales = scales.t().to(SCALE_DTYPES[scheme.scheme])
+    results, start = [], 0
+    for n in sizes:
+        rows = slice(start, start + n)
+        results.append(QuantResult(q_all[rows].contiguous(), scales[rows].contiguous(), g_idx.clone(), scheme,
+                                   float(losses[rows].sum())))
+        start += n
+    return results
 
 
 def layer_output_error(weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor) -> float:

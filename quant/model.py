@@ -164,6 +164,18 @@ class DecoderSkeleton:
             tensors[key] = t
         module.load_state_dict(tensors, strict=False)
 
+    def _direct_embedding_key(self, embed: nn.Module | None) -> str | None:
+        """The stored weight of the input embedding when it is a plain ``nn.Embedding`` child of the base model."""
+        if type(embed) is not nn.Embedding or embed.max_norm is not None:
+            return None
+        name = next((n for n, m in self.base.named_children() if m is embed), None)
+        if name is None:
+            return None
+        key = f"{self.base_prefix}.{name}.weight" if self.base_prefix else f"{name}.weight"
+        if key not in self.reader.entries:
+            key = self.aliases.get(key, key)
+        return key if key in self.reader.entries else None
+
     def capture_layer_inputs(self, samples: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
         """Run embeddings (and whatever the base model does before layer 0) on ``samples``.
 
@@ -171,9 +183,26 @@ class DecoderSkeleton:
         decoder layer, the keyword arguments the base model passes to it
         (masks may differ per layer, e.g. sliding-window layers).
         """
-        children = [(n, m) for n, m in self.base.named_children() if n != self.layers_attr]
+        embed = self.model.get_input_embeddings()
+        embed_key = self._direct_embedding_key(embed)
+        children = [(n, m) for n, m in self.base.named_children()
+                    if n != self.layers_attr and not (embed_key and m is embed)]
         for name, child in children:
             self._materialise(child, f"{self.base_prefix}.{name}" if self.base_prefix else name)
+        if embed_key:
+            # A plain lookup: read only the rows the samples use (exact float32 copies of the stored
+            # values, as a float32 embedding would return) instead of the whole table in float32.
+            ids, inverse = torch.unique(samples, return_inverse=True)
+            table = self.reader.read_rows(embed_key, ids)
+            if table.is_floating_point() and not torch.isfinite(table).all():
+                raise QuantInputError(f"{self.reader.entries[embed_key][0]}: tensor {embed_key} has NaN or Inf values")
+            table = table.to(torch.float32)
+
+        def inputs(i: int) -> dict:
+            if embed_key:
+                return {"inputs_embeds": table[inverse[i:i + 1]]}
+            return {"input_ids": samples[i:i + 1]}
+
         originals = list(self.layers)
         catcher = _Catcher()
         recorders = [_Recorder() for _ in originals]
@@ -181,11 +210,11 @@ class DecoderSkeleton:
             with torch.no_grad():
                 for i, r in enumerate(recorders):
                     self.layers[i] = r
-                self.base(input_ids=samples[:1], use_cache=False)
+                self.base(**inputs(0), use_cache=False)
                 self.layers[0] = catcher
-                for row in samples:
+                for i in range(samples.shape[0]):
                     try:
-                        self.base(input_ids=row.unsqueeze(0), use_cache=False)
+                        self.base(**inputs(i), use_cache=False)
                     except _Captured:
                         pass
         finally:
@@ -195,7 +224,11 @@ class DecoderSkeleton:
                 child.to("meta")
         if catcher.kwargs is None or any(r.kwargs is None for r in recorders):
             raise QuantInputError(f"{self.dir / 'config.json'}: the model did not call every decoder layer once")
-        hidden = torch.cat(catcher.hidden).to(torch.float32)
+        first = catcher.hidden[0]
+        hidden = torch.empty((len(catcher.hidden), *first.shape[1:]), dtype=torch.float32)
+        for i in range(len(catcher.hidden)):  # one copy at a time: never two full sets of activations
+            hidden[i:i + 1] = catcher.hidden[i]
+            catcher.hidden[i] = None
         per_layer = []
         for r in recorders:
             kwargs = {k: v for k, v in r.kwargs.items() if k not in ("past_key_values", "past_key_value")}

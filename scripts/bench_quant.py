@@ -180,6 +180,8 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--workdir", default=str(REPO / "runs" / "bench_quant"))
     ap.add_argument("--no-peers", action="store_true", help="run this toolkit only")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP/MKL/OpenBLAS threads of every tool's subprocess (default: their own defaults)")
     args = ap.parse_args()
 
     import torch
@@ -200,6 +202,8 @@ def main() -> int:
         except (subprocess.CalledProcessError, OSError) as exc:
             print(f"llm-compressor unavailable: {exc}")
     env = {"PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    threads = {} if args.threads is None else {
+        k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     rows = []
     for name in args.models.split(","):
         spec = MODELS[name]
@@ -223,7 +227,7 @@ def main() -> int:
                 out = work / f"{name}-{scheme}-{tool}"
                 print(f"[{name} {scheme}] {tool} ...", flush=True)
                 res = run_child(python, code, [str(model), str(out), scheme, group, str(samples_path)],
-                                work / f"{name}-{scheme}-{tool}.log", env=env if tool == "ours" else None)
+                                work / f"{name}-{scheme}-{tool}.log", env={**threads, **env} if tool == "ours" else threads)
                 if "error" not in res and name != "1b":
                     res["ppl"] = perplexity(load_dequantized_model(out), eval_tokens, seqlen=args.seqlen)
                 rows.append({"model": name, "scheme": scheme, "tool": tool, "fp_ppl": fp_ppl,
@@ -231,6 +235,10 @@ def main() -> int:
                 print(json.dumps(rows[-1]), flush=True)
     (work / "results.json").write_text(json.dumps(rows, indent=2))
     print_table(rows)
+    print(f"threads per tool: {args.threads or 'default'}")
+    print(f"calibration: the same {args.num_samples} windows of {args.seqlen} tokens for every tool and model "
+          f"({args.num_samples * args.seqlen} tokens; float32 layer inputs of the 1b model: "
+          f"{args.num_samples * args.seqlen * MODELS['1b']['hidden_size'] * 4 / 2**20:.0f} MiB)")
     return 0
 
 

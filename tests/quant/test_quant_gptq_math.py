@@ -7,8 +7,8 @@ import torch
 
 from quant.config import LayerScheme, QuantConfig, parse_override
 from quant.errors import QuantInputError
-from quant.gptq import (HessianError, accumulate_hessian, gptq_quantize, inverse_cholesky, rtn_quantize,
-                        smoothquant_scales)
+from quant.gptq import (HessianError, accumulate_hessian, gptq_quantize, gptq_quantize_shared, inverse_cholesky,
+                        rtn_quantize, smoothquant_scales)
 
 W4 = LayerScheme("w4a16", 32)
 W4_CHANNEL = LayerScheme("w4a16", -1)
@@ -108,6 +108,17 @@ def test_rtn_is_round_to_nearest():
     assert torch.equal(res.q.double(), torch.clamp(torch.round(w.float().double() / s), -127, 127))
 
 
+@pytest.mark.parametrize("scheme", [W4, W4_CHANNEL, W8], ids=["w4-g32", "w4-channel", "w8-channel"])
+def test_dequantize_into_writes_q_times_scale(scheme):
+    w, _ = _problem()
+    res = rtn_quantize(w.float(), scheme)
+    out = torch.empty(w.shape, dtype=torch.float32)
+    res.dequantize_into(out)
+    gsize = w.shape[1] // res.scales.shape[1]
+    exact = res.q.double() * res.scales.double().repeat_interleave(gsize, dim=1)  # exact in float64
+    assert torch.equal(out, exact.float())  # float32 products are the correctly rounded exact ones
+
+
 def test_cholesky_retries_dampening_then_fails_clearly():
     x = torch.randn(4, 16, dtype=torch.float64)  # rank 4 < 16: needs dampening
     h = 2 * x.t() @ x / 4
@@ -117,6 +128,32 @@ def test_cholesky_retries_dampening_then_fails_clearly():
     bad.diagonal().fill_(0.01)
     with pytest.raises(HessianError, match="Cholesky failed"):
         inverse_cholesky(bad, damp_percent=0.01, max_retries=1)
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
+    _, x = _problem(in_f=96, n=400)
+    h = 2 * x.t() @ x / x.shape[0]
+    upper = inverse_cholesky(h.float(), damp_percent=0.01)
+    damped = h.float().double() + 0.01 * torch.diagonal(h.float().double()).mean() * torch.eye(96, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)  # float64 reference: inverse, then Cholesky
+    assert upper.dtype == torch.float64 and torch.equal(upper, upper.triu())
+    torch.testing.assert_close(upper, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+    assert inverse_cholesky(h.float(), 0.01, dtype=torch.float32).dtype == torch.float32
+
+
+@pytest.mark.parametrize("scheme,act_order", [(W4, False), (W8, False), (W4, True)], ids=["w4-g32", "w8", "w4-act-order"])
+def test_shared_input_linears_quantized_together_match_one_by_one(scheme, act_order):
+    w, x = _problem(out_f=80, seed=2)
+    h = (2 * x.t() @ x / x.shape[0]).float()
+    parts = [w[:16].float(), w[16:24].float(), w[24:].float()]  # e.g. q, k, v of different heights
+    together = gptq_quantize_shared(parts, h, scheme, act_order=act_order)
+    for part, res in zip(parts, together):
+        alone = gptq_quantize(part, h, scheme, act_order=act_order)
+        mismatch = (res.q != alone.q).double().mean().item()
+        assert mismatch < 0.002, f"{mismatch:.2%} of the integers differ"
+        torch.testing.assert_close(res.scales, alone.scales, rtol=2e-3, atol=0)
+        assert res.loss == pytest.approx(alone.loss, rel=0.01)
+        assert res.q.shape == part.shape and torch.equal(res.g_idx, alone.g_idx)
 
 
 def test_smoothquant_scales_balance_ranges():
