@@ -19,7 +19,7 @@ import torch
 
 from vllm.logger import init_logger
 from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
-from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.layers.linear import register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
@@ -29,6 +29,7 @@ from vllm.model_executor.parameter import (
 from vllm.scalar_type import scalar_types
 
 from vllm_plugins.quantization import packing
+from vllm_plugins.quantization.method_base import KernelLinearMethod
 from vllm_plugins.quantization.schema import LayerScheme
 
 logger = init_logger("vllm.plugins.vllm_plugins.w4a16")
@@ -69,17 +70,10 @@ def _sorted_groups(g_idx: torch.Tensor, group_size: int):
 
 
 @register_weight_loader_v2_supported_method
-class W4A16LinearMethod(LinearMethodBase):
+class W4A16LinearMethod(KernelLinearMethod):
     def __init__(self, quant_config, scheme: LayerScheme, prefix: str) -> None:
-        self.quant_config = quant_config
+        super().__init__(quant_config, prefix)
         self.scheme = scheme
-        self.prefix = prefix
-        self.kernel = None
-        self.fallback_reason: str | None = None
-
-    @property
-    def kernel_name(self) -> str:
-        return type(self.kernel).__name__ if self.kernel is not None else "torch-fallback"
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
                        output_size, params_dtype, **extra_weight_attrs) -> None:

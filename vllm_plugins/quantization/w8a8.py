@@ -14,27 +14,18 @@ from vllm.model_executor.kernels.linear import (
     Int8ScaledMMLinearLayerConfig,
     choose_scaled_mm_linear_kernel,
 )
-from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.layers.linear import register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, ModelWeightParameter
 
 from vllm_plugins.quantization import packing
+from vllm_plugins.quantization.method_base import KernelLinearMethod
 
 # The kernels look layer parameters up by these names, in this order.
 PARAM_NAMES = ["qweight", "scales", "input_scale", "input_zero_point", "azp_adj"]
 
 
 @register_weight_loader_v2_supported_method
-class W8A8LinearMethod(LinearMethodBase):
-    def __init__(self, quant_config, prefix: str) -> None:
-        self.quant_config = quant_config
-        self.prefix = prefix
-        self.kernel = None
-        self.fallback_reason: str | None = None
-
-    @property
-    def kernel_name(self) -> str:
-        return type(self.kernel).__name__ if self.kernel is not None else "torch-fallback"
-
+class W8A8LinearMethod(KernelLinearMethod):
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
                        output_size, params_dtype, **extra_weight_attrs) -> None:
         loader = extra_weight_attrs["weight_loader"]
