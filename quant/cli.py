@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from quant.config import FORMATS, METHODS, SCHEMES, QuantConfig, parse_override
+from quant.config import CALIB_DTYPES, FORMATS, METHODS, SCHEMES, QuantConfig, parse_override
 from quant.errors import QuantInputError
 
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
@@ -34,6 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d["seed"], help=f"default {d['seed']}")
     p.add_argument("--damp-percent", type=float, default=d["damp_percent"], help=f"default {d['damp_percent']}")
     p.add_argument("--block-size", type=int, default=d["block_size"], help=f"GPTQ lazy block (default {d['block_size']})")
+    p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=d["calib_dtype"],
+                   help="dtype of the calibration forward passes; auto: bfloat16 for a bfloat16 checkpoint, "
+                        f"else float32 (default {d['calib_dtype']})")
     p.add_argument("--smoothquant", type=float, default=d["smoothquant"], metavar="ALPHA",
                    help="w8a8: SmoothQuant with this alpha, folded into the preceding norms")
     p.add_argument("--ignore", action="append", default=None, metavar="PATTERN",
@@ -52,6 +55,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         scheme=args.scheme, group_size=args.group_size, method=args.method, format=args.format,
         act_order=args.act_order, damp_percent=args.damp_percent, block_size=args.block_size,
         num_samples=args.num_samples, seqlen=args.seqlen, seed=args.seed, smoothquant=args.smoothquant,
+        calib_dtype=args.calib_dtype,
         ignore=tuple(args.ignore) if args.ignore is not None else _DEFAULTS["ignore"], overrides=overrides,
     )
 

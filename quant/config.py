@@ -21,6 +21,7 @@ SCHEMES = ("w4a16", "w8a8")
 FORMATS = ("native", "gptq", "compressed-tensors")
 METHODS = ("gptq", "rtn")
 GROUP_SIZES = (32, 64, 128, -1)
+CALIB_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class QuantConfig:
     ignore: tuple[str, ...] = ("lm_head",)
     overrides: dict[str, dict] = field(default_factory=dict)
     max_damp_retries: int = 5
+    # Dtype of the layer weights and activations in the calibration forwards (Hessians, GPTQ and
+    # scales are always float32/float64). "auto": bfloat16 for a bfloat16 checkpoint, else float32.
+    calib_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -77,6 +81,7 @@ class QuantConfig:
         _choice("--method", self.method, METHODS)
         _choice("--format", self.format, FORMATS)
         _choice("--group-size", self.group_size, GROUP_SIZES)
+        _choice("--calib-dtype", self.calib_dtype, CALIB_DTYPES)
         if not 0 < self.damp_percent < 1:
             raise QuantInputError(f"--damp-percent must be in (0, 1), got {self.damp_percent}")
         if self.block_size < 1:

@@ -45,7 +45,7 @@ class QuantResult:
         return (self.q.to(torch.float32) * self.scales.to(torch.float32)[:, self.g_idx.long()]).to(dtype)
 
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
-        """:meth:`dequantize` written into the float32 ``out`` ``[out, in]`` without ``[out, in]`` temporaries."""
+        """:meth:`dequantize` written into ``out`` ``[out, in]`` (rounded once to its dtype) without ``[out, in]`` temporaries."""
         out_f, in_f = self.q.shape
         n_groups = self.scales.shape[1]
         gsize = in_f // n_groups
@@ -272,13 +272,18 @@ def gptq_quantize_shared(
     of ``Wᵀ`` so that each step touches contiguous memory.
     """
     sizes = [w.shape[0] for w in weights]
-    w = torch.cat([w.detach().to(torch.float32) for w in weights])  # a copy: the inputs stay untouched
-    out_f, in_f = w.shape
+    in_f, out_f = weights[0].shape[1], sum(sizes)
     check_group_size(in_f, scheme, "the weight")
+    # Wᵀ [in, out] in float32, one copy (the inputs stay untouched), filled one linear at a time.
+    wt = torch.empty(in_f, out_f, dtype=torch.float32)
+    start = 0
+    for w, n in zip(weights, sizes):
+        wt[:, start:start + n].copy_(w.detach().t())
+        start += n
     if prepared is None:
         prepared = prepare_hessian(hessian, damp_percent, act_order, max_damp_retries)
     dead, perm = prepared.dead, prepared.perm
-    w[:, dead] = 0
+    wt[dead] = 0
 
     n_groups = scheme.n_groups(in_f)
     gsize = in_f // n_groups
@@ -287,10 +292,10 @@ def gptq_quantize_shared(
     static = n_groups == 1 or act_order
     if static:
         for g in range(n_groups):
-            scales[g] = compute_scales(w[:, g * gsize:(g + 1) * gsize], scheme)
+            scales[g] = compute_scales(wt[g * gsize:(g + 1) * gsize].t(), scheme)
 
-    wt = w.t()[perm] if act_order else w.t().contiguous()  # [in, out], rows in processing order
-    del w
+    if act_order:
+        wt = wt[perm]  # rows in processing order
     col_group = g_idx[perm].tolist()
     lo, hi = qrange(scheme)
 

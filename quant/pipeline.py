@@ -1,6 +1,7 @@
 """Orchestration: calibrate and quantize one decoder layer at a time, write the exports.
 
-For each decoder layer: materialise it in float32 from the shards, find its
+For each decoder layer: materialise it from the shards in the calibration dtype
+(float32, or bfloat16 for a bfloat16 checkpoint; see ``quant.model.calibration_dtype``), find its
 linears' *input groups* (linears fed the same tensor, e.g. q/k/v) in call
 order, then quantize group after group (true-sequential): the Hessian of a
 group is accumulated from a forward pass that already uses the quantized
@@ -32,7 +33,7 @@ from quant.errors import QuantInputError
 from quant.export import linear_tensors, quantization_config
 from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize_shared, layer_output_error,
                         prepare_hessian, rtn_quantize, smoothquant_scales)
-from quant.model import DecoderSkeleton, run_layer
+from quant.model import DecoderSkeleton, calibration_dtype, run_layer
 
 BATCH_TOKENS = 4096
 # Forward temporaries of a batch: about this many float32 values per [tokens, width] activation
@@ -122,6 +123,7 @@ class QuantReport:
     peak_rss_mb: float
     outputs: dict[str, Path]
     num_samples: int
+    calib_dtype: torch.dtype = torch.float32
 
     def summary(self) -> str:
         lines = [f"{'layer':>5}  {'mean rel. err':>13}  {'max rel. err':>12}  {'time s':>7}  {'peak RSS MiB':>12}"]
@@ -129,7 +131,7 @@ class QuantReport:
             lines.append(f"{s.index:>5}  {s.mean_error:>13.3e}  {s.max_error:>12.3e}  {s.seconds:>7.2f}  {s.peak_rss_mb:>12.0f}")
         lines.append(f"{'all':>5}  {'':>13}  {'':>12}  {self.seconds:>7.2f}  {self.peak_rss_mb:>12.0f}")
         lines.append("rel. err = tr(dW H dW^T) / tr(W H W^T) per linear on the calibration inputs "
-                     f"({self.num_samples} samples)")
+                     f"({self.num_samples} samples, forward passes in {str(self.calib_dtype).removeprefix('torch.')})")
         for fmt, out in self.outputs.items():
             lines.append(f"wrote {fmt}: {out}")
         return "\n".join(lines)
@@ -297,7 +299,7 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
     reader = ShardReader(model_dir)
     for out in outputs.values():
         check_output_dir(out, model_dir, force)
-    skeleton = DecoderSkeleton(model_dir, reader)
+    skeleton = DecoderSkeleton(model_dir, reader, calibration_dtype(config.calib_dtype, reader))
     schemes = plan_schemes(skeleton, config)
     if samples is None:
         if calib is None:
@@ -339,7 +341,7 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
             cfg["quantization_config"] = quantization_config(fmt, config, schemes, non_layer_linears)
             (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             copy_side_files(model_dir, d)
-    return QuantReport(stats, time.perf_counter() - t0, peak_rss_mb(), outputs, int(samples.shape[0]))
+    return QuantReport(stats, time.perf_counter() - t0, peak_rss_mb(), outputs, int(samples.shape[0]), skeleton.dtype)
 
 
 def _propagate(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
