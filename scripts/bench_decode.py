@@ -84,10 +84,13 @@ def decode_rate(url: str, model: str, batch: int, new_tokens: int, repeats: int)
     return statistics.median(rates)
 
 
-def measure(ckpt: Path, batches: list[int], new_tokens: int, repeats: int, env: dict | None = None) -> dict:
+def measure(ckpt: Path, batches: list[int], new_tokens: int, repeats: int, env: dict | None = None,
+            eager: bool = False) -> dict:
     from vllm_plugins.serving import VllmServer
 
-    args = ["--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "1024", "--max-num-seqs", "16"]
+    args = ["--dtype", "bfloat16", "--max-model-len", "1024", "--max-num-seqs", "16"]
+    if eager:
+        args.append("--enforce-eager")
     with VllmServer(ckpt, *args, env=env) as server:
         url = server.url("/v1/completions")
         return {b: decode_rate(url, server.model, b, new_tokens, repeats) for b in batches}
@@ -102,6 +105,11 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", default="1,16")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="serve without torch.compile (vLLM's CPU default compiles the model)")
+    p.add_argument("--omp-bind", default=None, metavar="CPUS",
+                   help="VLLM_CPU_OMP_THREADS_BIND for every server, e.g. 0-1 (default: vLLM's auto binding, "
+                        "which keeps one core for the API server)")
     p.add_argument("--cpuwna16", action="store_true",
                    help="also run W4A16 on vLLM's CPUWNA16 kernel (this package's aten int4 kernel disabled)")
     args = p.parse_args()
@@ -110,14 +118,17 @@ def main() -> int:
 
     src = build_model(args.work, args.layers, args.hidden, args.intermediate)
     n_params = sum(math.prod(shape) for shape in _shapes(src))
-    runs = {"bf16": (src, None), "w4a16": (export(src, args.work, "w4a16"), None),
-            "w8a8": (export(src, args.work, "w8a8"), None)}
+    env = {"VLLM_CPU_OMP_THREADS_BIND": args.omp_bind} if args.omp_bind else {}
+    runs = {"bf16": (src, env), "w4a16": (export(src, args.work, "w4a16"), env),
+            "w8a8": (export(src, args.work, "w8a8"), env)}
     if args.cpuwna16:
-        runs["w4a16 (vLLM CPUWNA16)"] = (runs["w4a16"][0], {"VLLM_DISABLED_KERNELS": "TorchInt4CPULinearKernel"})
-    results = {name: measure(ckpt, batches, args.new_tokens, args.repeats, env) for name, (ckpt, env) in runs.items()}
+        runs["w4a16 (vLLM CPUWNA16)"] = (runs["w4a16"][0], {**env, "VLLM_DISABLED_KERNELS": "TorchInt4CPULinearKernel"})
+    results = {name: measure(ckpt, batches, args.new_tokens, args.repeats, env, args.enforce_eager) for name, (ckpt, env) in runs.items()}
 
     print(f"\nDecode tokens/s, random Llama {n_params / 1e9:.2f}B params, vLLM CPU, bf16 activations, "
-          f"{os.cpu_count()} CPUs, {args.new_tokens} new tokens, median of {args.repeats}")
+          f"{os.cpu_count()} CPUs, {args.new_tokens} new tokens, median of {args.repeats}, "
+          f"{'torch.compile' if not args.enforce_eager else 'eager'}, "
+          f"OMP bind {args.omp_bind or 'auto (one core kept for the API server)'}")
     head = "| checkpoint | " + " | ".join(f"batch {b} tok/s | vs bf16" for b in batches) + " |"
     print(head + "\n|" + "---|" * (1 + 2 * len(batches)))
     for name, rates in results.items():
