@@ -1,18 +1,21 @@
-"""Benchmark: this package's GPTQ toolkit vs llm-compressor, side by side.
+"""Benchmark: this package's GPTQ toolkit vs llm-compressor and GPTQModel, side by side.
 
     /work/main/.venv/bin/python scripts/bench_quant.py --models tinystories,100m [--models 1b]
 
-For each model and scheme, both tools quantize the *same* calibration token
+For each model and scheme, every tool quantizes the *same* calibration token
 windows (drawn once by ``quant.calib``) in their own subprocess; the parent
 records wall time and the child's peak RSS, then evaluates every export with
 the same torch dequantized reference (``quant.evaluate``) on held-out
-TinyStories text. llm-compressor 0.14.0.1 runs from its own virtual
-environment ``.venv-peers/llmcompressor`` (created on first use, torch pinned
-to 2.13.0 through a constraints file; never in the main environment).
+TinyStories text. The peers run each from its own virtual environment
+``.venv-peers/<name>`` (created on first use, torch pinned to 2.13.0 through a
+constraints file; never in the main environment): llm-compressor 0.14.0.1
+(``llmcompressor``) and GPTQModel 7.6.0 (``gptqmodel``, w4a16 only, run with
+``GPTQMODEL_CPU_WORKERS=2``). ``--tools`` picks among ours, llm-compressor,
+gptqmodel.
 
 ``1b`` generates a ~1.1B-parameter random Llama saved as bf16 shards
 (without materialising it) and reports this toolkit's peak RSS as a fraction
-of the checkpoint size; llm-compressor is not run on it.
+of the checkpoint size; the peers are not run on it.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PEER_VENV = REPO / ".venv-peers" / "llmcompressor"
-PEER_PINS = ["llmcompressor==0.14.0.1"]
+PEER_VENVS = REPO / ".venv-peers"  # one venv per peer: .venv-peers/<name> (git-ignored)
+PEER_PINS = {
+    "llmcompressor": ["llmcompressor==0.14.0.1"],
+    # 7.7.0 needs torch >= 2.14.1; 7.6.0 wants transformers 5.19.0
+    "gptqmodel": ["gptqmodel==7.6.0", "transformers==5.19.0"],
+}
 CONSTRAINTS = "torch==2.13.0\n"
 SHARED = Path(os.environ.get("VLLM_PLUGINS_SHARED", REPO.parent / "shared"))
 
@@ -91,31 +98,123 @@ print("RESULT " + json.dumps({"quant_s": time.perf_counter() - t1, "import_rss_m
 """
 
 
-def ensure_peer_venv() -> Path:
-    python = PEER_VENV / "bin" / "python"
-    if python.exists():
+GPTQMODEL_CHILD = HWM + """
+import json, os, sys, time, torch
+model_dir, out, scheme, group, samples = sys.argv[1:6]
+if scheme != "w4a16":
+    sys.exit(f"GPTQModel: no {scheme} scheme comparable to this toolkit's (W8A8 = int8 weights + per-token int8 activations)")
+from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+base = hwm()
+samples = torch.load(samples)
+calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in samples]
+t1 = time.perf_counter()
+# offload_to_disk=False: the default lazy loader builds a meta-device shell and materialises modules from the
+# checkpoint by name, so a checkpoint that stores a tied embedding only as lm_head.weight (TinyStories-656K)
+# leaves embed_tokens on meta ("Tensor.item() cannot be called on meta tensors"). Loading eagerly to CPU, as
+# llm-compressor does, avoids it. dtype: the checkpoint's own (GPTQModel's CPU default would be bfloat16).
+cfg = json.load(open(os.path.join(model_dir, "config.json")))
+dtype = getattr(torch, cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+# act_group_aware=False: GPTQModel enables its group-aware activation reordering (GAR) by default for GPTQ;
+# the other tools run plain GPTQ in column order (llm-compressor actorder=None).
+qcfg = QuantizeConfig(bits=4, group_size=int(group), desc_act=False, sym=True, damp_percent=0.01,
+                      act_group_aware=False, offload_to_disk=False)
+model = GPTQModel.load(model_dir, qcfg, backend=BACKEND.TORCH, dtype=dtype)
+model.quantize(calib, batch_size=1, calibration_sort=None, backend=BACKEND.TORCH)
+model.save(out)
+print("RESULT " + json.dumps({"quant_s": time.perf_counter() - t1, "import_rss_mb": base,
+      "peak_rss_mb": hwm()}))
+"""
+
+# tool -> (venv under .venv-peers, child script, extra environment, schemes it runs)
+PEERS = {
+    "llm-compressor": ("llmcompressor", LLMC_CHILD, {}, ("w4a16", "w8a8")),
+    # GPTQModel stops on a 2-core machine unless its CPU worker count is set. Its GPTQ is weight-only, so it
+    # has no counterpart to W8A8 (int8 weights *and* per-token int8 activations): w4a16 only.
+    "gptqmodel": ("gptqmodel", GPTQMODEL_CHILD, {"GPTQMODEL_CPU_WORKERS": "2"}, ("w4a16",)),
+}
+TOOLS = ("ours", *PEERS)
+
+
+def ensure_peer_venv(name: str) -> Path:
+    """The python of ``.venv-peers/<name>``, created on first use with ``PEER_PINS[name]`` and torch pinned.
+
+    A venv whose install failed is left without its ``.complete`` marker and rebuilt on the next call.
+    """
+    venv = PEER_VENVS / name
+    python = venv / "bin" / "python"
+    marker = venv / ".complete"
+    if marker.exists():
         return python
-    PEER_VENV.parent.mkdir(parents=True, exist_ok=True)
-    constraints = PEER_VENV.parent / "constraints.txt"
+    if python.exists() and installed(python, PEER_PINS[name]):  # a venv made before the marker existed
+        marker.write_text(" ".join(PEER_PINS[name]) + "\n")
+        return python
+    PEER_VENVS.mkdir(parents=True, exist_ok=True)
+    constraints = PEER_VENVS / "constraints.txt"
     constraints.write_text(CONSTRAINTS)
-    subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-c", str(constraints), *PEER_PINS], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-c", str(constraints), *PEER_PINS[name]], check=True)
+    marker.write_text(" ".join(PEER_PINS[name]) + "\n")
     return python
 
 
-def run_child(python: str, code: str, args: list[str], log: Path, env: dict | None = None) -> dict:
+def installed(python: Path, pins: list[str]) -> bool:
+    """Whether ``python`` has every ``name==version`` of ``pins``."""
+    check = ("import sys\nfrom importlib.metadata import version\n"
+             "sys.exit(any(version(p.split('==')[0]) != p.split('==')[1] for p in sys.argv[1:]))")
+    return subprocess.run([str(python), "-c", check, *pins], capture_output=True).returncode == 0
+
+
+def run_child(python: str, code: str, args: list[str], log: Path, env: dict | None = None,
+              cwd: Path = REPO) -> dict:
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run([python, "-c", code, *args], stdout=subprocess.PIPE, stderr=f, text=True,
-                              env={**os.environ, **(env or {})}, cwd=REPO)
+                              env={**os.environ, **(env or {})}, cwd=cwd)
     wall = time.perf_counter() - t0
     with open(log, "a") as f:
         f.write("\n--- stdout ---\n" + proc.stdout)
     result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
     if proc.returncode or result is None:
-        tail = log.read_text()[-1500:]
-        return {"error": f"exit {proc.returncode}: ...{tail}", "wall_s": wall}
+        return {"error": f"exit {proc.returncode}: {error_line(log)}", "log": str(log), "wall_s": wall}
     return {**result, "wall_s": wall}
+
+
+def error_line(log: Path) -> str:
+    """The exception line of a failed child's log (its last ``...Error: ...`` line), else its last line."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").split("\n--- stdout ---")[0].splitlines()]
+    lines = [ln for ln in lines if ln]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
+            return ln
+    return lines[-1] if lines else "(empty log)"
+
+
+def check_gptq_export(export_dir: Path) -> None:
+    """``quant.evaluate`` dequantizes a ``gptq`` export as ``q * scale`` with the symmetric zero point 8.
+
+    That is right for GPTQ v1 (``checkpoint_format: gptq``, qzeros stored as zero - 1 = 7), which GPTQModel
+    saves with ``sym=True``; refuse anything else (v2 zeros, asymmetric zeros, act-order) rather than report a
+    wrong perplexity.
+    """
+    import torch
+
+    from quant.checkpoint import ShardReader
+    from quant.packing import unpack_gptq_qzeros
+
+    qc = json.loads((export_dir / "config.json").read_text())["quantization_config"]
+    fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
+    if qc.get("quant_method") != "gptq" or fmt != "gptq" or not qc.get("sym") or qc.get("desc_act"):
+        raise ValueError(f"{export_dir}: not a symmetric GPTQ v1 checkpoint: {qc}")
+    reader = ShardReader(export_dir)
+    with reader.open():
+        for name in reader.names():
+            if name.endswith(".qzeros") and not bool((unpack_gptq_qzeros(reader.read(name)) == 7).all()):
+                raise ValueError(f"{export_dir}: {name} holds zero points other than 8")
+            if name.endswith(".g_idx"):
+                g = reader.read(name).long()
+                if not bool((g == torch.arange(g.numel()) // qc["group_size"]).all()):
+                    raise ValueError(f"{export_dir}: {name} is not in column order")
 
 
 def generate_llama(out: Path, spec: dict) -> Path:
@@ -179,7 +278,10 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--workdir", default=str(REPO / "runs" / "bench_quant"))
-    ap.add_argument("--no-peers", action="store_true", help="run this toolkit only")
+    ap.add_argument("--tools", default=",".join(TOOLS),
+                    help=f"comma list of {', '.join(TOOLS)} (default: all; a peer whose venv cannot be "
+                         "installed shows its error in the table)")
+    ap.add_argument("--no-peers", action="store_true", help="run this toolkit only (same as --tools ours)")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP/MKL/OpenBLAS threads of every tool's subprocess (default: their own defaults)")
     args = ap.parse_args()
@@ -195,12 +297,18 @@ def main() -> int:
     cut = text.index("\n\n", int(len(text) * 0.8))
     calib = work / "calib.txt"
     calib.write_text(text[:cut])
-    peer_python = None
-    if not args.no_peers:
-        try:
-            peer_python = str(ensure_peer_venv())
-        except (subprocess.CalledProcessError, OSError) as exc:
-            print(f"llm-compressor unavailable: {exc}")
+    tools = ["ours"] if args.no_peers else [t.strip() for t in args.tools.split(",") if t.strip()]
+    unknown = set(tools) - set(TOOLS)
+    if unknown:
+        ap.error(f"unknown tools {sorted(unknown)}; choose from {', '.join(TOOLS)}")
+    pythons, install_errors = {"ours": sys.executable}, {}
+    for tool in tools:
+        if tool in PEERS:
+            try:
+                pythons[tool] = str(ensure_peer_venv(PEERS[tool][0]))
+            except (subprocess.CalledProcessError, OSError) as exc:
+                install_errors[tool] = f"install failed: {exc}"
+                print(f"{tool} unavailable: {exc}")
     env = {"PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
     threads = {} if args.threads is None else {
         k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
@@ -220,18 +328,28 @@ def main() -> int:
         fp_ppl = None if name == "1b" else perplexity(load_float_model(model), eval_tokens, seqlen=args.seqlen)
         for scheme in schemes:
             group = str(spec["group_size"])
-            tools = [("ours", sys.executable, OURS_CHILD)]
-            if peer_python and name != "1b":
-                tools.append(("llm-compressor", peer_python, LLMC_CHILD))
-            for tool, python, code in tools:
+            for tool in tools:
+                if tool != "ours" and (name == "1b" or scheme not in PEERS[tool][3]):
+                    continue
+                row = {"model": name, "scheme": scheme, "tool": tool, "fp_ppl": fp_ppl,
+                       "model_mb": dir_bytes(model) / 2**20}
+                if tool in install_errors:
+                    rows.append({**row, "error": install_errors[tool]})
+                    continue
+                code, extra = (OURS_CHILD, env) if tool == "ours" else (PEERS[tool][1], PEERS[tool][2])
                 out = work / f"{name}-{scheme}-{tool}"
                 print(f"[{name} {scheme}] {tool} ...", flush=True)
-                res = run_child(python, code, [str(model), str(out), scheme, group, str(samples_path)],
-                                work / f"{name}-{scheme}-{tool}.log", env={**threads, **env} if tool == "ours" else threads)
+                res = run_child(pythons[tool], code, [str(model), str(out), scheme, group, str(samples_path)],
+                                work / f"{name}-{scheme}-{tool}.log", env={**threads, **extra},
+                                cwd=REPO if tool == "ours" else work)  # GPTQModel writes ./logs/
                 if "error" not in res and name != "1b":
-                    res["ppl"] = perplexity(load_dequantized_model(out), eval_tokens, seqlen=args.seqlen)
-                rows.append({"model": name, "scheme": scheme, "tool": tool, "fp_ppl": fp_ppl,
-                             "model_mb": dir_bytes(model) / 2**20, **res})
+                    try:
+                        if tool == "gptqmodel":
+                            check_gptq_export(out)
+                        res["ppl"] = perplexity(load_dequantized_model(out), eval_tokens, seqlen=args.seqlen)
+                    except Exception as exc:  # noqa: BLE001 - a row per failure, the table goes on
+                        res["error"] = f"evaluating the export: {type(exc).__name__}: {exc}"
+                rows.append({**row, **res})
                 print(json.dumps(rows[-1]), flush=True)
     (work / "results.json").write_text(json.dumps(rows, indent=2))
     print_table(rows)
@@ -253,17 +371,27 @@ def print_table(rows: list[dict]) -> None:
         fp = f"{r['fp_ppl']:9.3f}" if r.get("fp_ppl") else f"{'-':>9}"
         print(f"{r['model']:<12}{r['scheme']:<7}{r['tool']:<15}{r['wall_s']:8.1f}{r['quant_s']:9.1f}"
               f"{r['peak_rss_mb']:13.0f}{r['peak_rss_mb'] / r['model_mb']:10.2f}{ppl}{fp}")
-    print("\nratios (ours / llm-compressor):")
-    by = {(r["model"], r["scheme"], r["tool"]): r for r in rows if "error" not in r}
-    for (m, s, t), r in by.items():
-        peer = by.get((m, s, "llm-compressor"))
-        if t == "ours" and peer:
+    by = {(r["model"], r["scheme"], r["tool"]): r for r in rows}
+    for peer_tool in PEERS:
+        pairs = [(m, s, r, by.get((m, s, peer_tool))) for (m, s, t), r in by.items() if t == "ours"]
+        pairs = [p for p in pairs if p[3] is not None]
+        if not pairs:
+            continue
+        print(f"\nratios (ours / {peer_tool}):")
+        for m, s, r, peer in pairs:
+            if "error" in r or "error" in peer:
+                who = peer_tool if "error" in peer else "ours"
+                print(f"  {m:<12}{s:<7} - ({who} failed: {(peer if who == peer_tool else r)['error'][:200]})")
+                continue
+            ppl = f"  ppl {r['ppl'] / peer['ppl']:.4f}" if "ppl" in r and "ppl" in peer else ""
             print(f"  {m:<12}{s:<7} wall {r['wall_s'] / peer['wall_s']:.2f}  quant {r['quant_s'] / peer['quant_s']:.2f}"
-                  f"  peak RSS {r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}  ppl {r['ppl'] / peer['ppl']:.4f}")
+                  f"  peak RSS {r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}{ppl}")
     print(textwrap.dedent("""
         wall s: the whole subprocess (imports included); quant s: model load + calibration + GPTQ + save.
         RSS/model: peak RSS over the size of the source safetensors. ppl: torch dequantized model on
-        held-out TinyStories text (W8A8 with per-token int8 activations)."""))
+        held-out TinyStories text (W8A8 with per-token int8 activations). gptqmodel: GPTQModel 7.6.0
+        (GPTQ v1 export; w4a16 only, it has no W8A8 with int8 activations), loaded eagerly on CPU
+        (offload_to_disk=False) with its group-aware reordering off (act_group_aware=False)."""))
 
 
 if __name__ == "__main__":
