@@ -37,6 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=d["calib_dtype"],
                    help="dtype of the calibration forward passes; auto: bfloat16 for a bfloat16 checkpoint, "
                         f"else float32 (default {d['calib_dtype']})")
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   default=d["true_sequential"],
+                   help="take every input group's Hessian from one pass over the unquantized layer (fewer "
+                        "forward passes) instead of true-sequential order inside each layer")
     p.add_argument("--smoothquant", type=float, default=d["smoothquant"], metavar="ALPHA",
                    help="w8a8: SmoothQuant with this alpha, folded into the preceding norms")
     p.add_argument("--ignore", action="append", default=None, metavar="PATTERN",
@@ -55,7 +59,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         scheme=args.scheme, group_size=args.group_size, method=args.method, format=args.format,
         act_order=args.act_order, damp_percent=args.damp_percent, block_size=args.block_size,
         num_samples=args.num_samples, seqlen=args.seqlen, seed=args.seed, smoothquant=args.smoothquant,
-        calib_dtype=args.calib_dtype,
+        calib_dtype=args.calib_dtype, true_sequential=args.true_sequential,
         ignore=tuple(args.ignore) if args.ignore is not None else _DEFAULTS["ignore"], overrides=overrides,
     )
 

@@ -73,6 +73,9 @@ class QuantConfig:
     # Dtype of the layer weights and activations in the calibration forwards (Hessians, GPTQ and
     # scales are always float32/float64). "auto": bfloat16 for a bfloat16 checkpoint, else float32.
     calib_dtype: str = "auto"
+    # GPTQ paper's true-sequential order: each input group's Hessian comes from a forward pass
+    # through the already-quantized earlier groups of the layer. False: one pass per layer.
+    true_sequential: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ignore", tuple(self.ignore))

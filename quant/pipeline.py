@@ -5,7 +5,9 @@ For each decoder layer: materialise it from the shards in the calibration dtype
 linears' *input groups* (linears fed the same tensor, e.g. q/k/v) in call
 order, then quantize group after group (true-sequential): the Hessian of a
 group is accumulated from a forward pass that already uses the quantized
-weights of the earlier groups, and stops at the group's input. Finally the
+weights of the earlier groups, and stops at the group's input (with
+``true_sequential=False``, one pass over the unquantized layer gives every
+group's Hessian, as llm-compressor and GPTQModel calibrate). Finally the
 layer's quantized output becomes the next layer's input, the layer's tensors
 are written to one shard per format, and the layer goes back to ``meta``.
 """
@@ -174,19 +176,24 @@ def _discover_groups(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs
     return [g for _, g in groups]
 
 
-def _group_statistics(layer, first: nn.Linear, hidden, kwargs, want_absmax: bool):
-    """Hessian (and per-channel |x| max) of the input of ``first``, stopping the forward there."""
-    state = {"h": None, "n": 0, "absmax": None}
+def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absmax: list[bool]) -> list[tuple]:
+    """``(H, per-channel |x| max or None)`` of the input of each of ``firsts`` (in call order), from one
+    forward pass per batch that stops at the input of the last of them."""
+    states = [{"h": None, "n": 0, "absmax": None} for _ in firsts]
 
-    def hook(_mod, args):
-        x = args[0].detach()
-        state["h"], state["n"] = accumulate_hessian(state["h"], state["n"], x)
-        if want_absmax:
-            m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
-            state["absmax"] = m if state["absmax"] is None else torch.maximum(state["absmax"], m)
-        raise _Stop
+    def make_hook(state: dict, absmax: bool, last: bool):
+        def hook(_mod, args):
+            x = args[0].detach()
+            state["h"], state["n"] = accumulate_hessian(state["h"], state["n"], x)
+            if absmax:
+                m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+                state["absmax"] = m if state["absmax"] is None else torch.maximum(state["absmax"], m)
+            if last:
+                raise _Stop
+        return hook
 
-    handle = first.register_forward_pre_hook(hook)
+    handles = [m.register_forward_pre_hook(make_hook(st, a, i == len(firsts) - 1))
+               for i, (m, st, a) in enumerate(zip(firsts, states, want_absmax))]
     step = _batch_samples(layer, hidden.shape[1])
     try:
         with torch.no_grad():
@@ -194,8 +201,9 @@ def _group_statistics(layer, first: nn.Linear, hidden, kwargs, want_absmax: bool
                 with contextlib.suppress(_Stop):
                     layer(hidden[s:s + step], **kwargs)
     finally:
-        handle.remove()
-    return state["h"], state["absmax"]
+        for h in handles:
+            h.remove()
+    return [(st["h"], st["absmax"]) for st in states]
 
 
 def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict,
@@ -204,14 +212,22 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
     modules = dict(layer.named_modules())
     results: dict[str, QuantResult] = {}
     errors: dict[str, float] = {}
+    plan = []  # (group, quantized names, SmoothQuant?) in call order
     for group in _discover_groups(layer, prefix, hidden, kwargs):
         todo = [n for n in group.names if schemes.get(n) is not None]
-        if not todo:
-            continue
+        if todo:
+            smooth = (config.smoothquant is not None and group.norm is not None
+                      and all(schemes[n].scheme == "w8a8" for n in todo) and len(todo) == len(group.names))
+            plan.append((group, todo, smooth))
+    first = [modules[todo[0][len(prefix) + 1:]] for _, todo, _ in plan]
+    # Not true-sequential: every group's statistics from one pass over the unquantized layer.
+    stats = None if config.true_sequential else _group_statistics(layer, first, hidden, kwargs, [p[2] for p in plan])
+    for index, (group, todo, smooth) in enumerate(plan):
         linears = {n: modules[n[len(prefix) + 1:]] for n in todo}
-        smooth = (config.smoothquant is not None and group.norm is not None
-                  and all(schemes[n].scheme == "w8a8" for n in todo) and len(todo) == len(group.names))
-        h, absmax = _group_statistics(layer, linears[todo[0]], hidden, kwargs, smooth)
+        if stats is None:  # true-sequential: the earlier groups of this layer are quantized already
+            h, absmax = _group_statistics(layer, [first[index]], hidden, kwargs, [smooth])[0]
+        else:
+            (h, absmax), stats[index] = stats[index], None
         if smooth:
             s = smoothquant_scales(absmax, [m.weight for m in linears.values()], config.smoothquant)
             with torch.no_grad():

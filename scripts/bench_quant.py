@@ -60,11 +60,11 @@ import json, sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from quant.config import QuantConfig
 from quant.pipeline import quantize_checkpoint
-model, out, scheme, group, samples = sys.argv[1:6]
+model, out, scheme, group, samples, true_sequential = sys.argv[1:7]
 base = hwm()
 samples = torch.load(samples)
 cfg = QuantConfig(scheme=scheme, group_size=int(group), format="compressed-tensors",
-                  num_samples=samples.shape[0], seqlen=samples.shape[1])
+                  num_samples=samples.shape[0], seqlen=samples.shape[1], true_sequential=true_sequential == "1")
 t1 = time.perf_counter()
 report = quantize_checkpoint(model, out, cfg, samples=samples, force=True, progress=False)
 print(report.summary(), file=sys.stderr)
@@ -132,7 +132,9 @@ PEERS = {
     # has no counterpart to W8A8 (int8 weights *and* per-token int8 activations): w4a16 only.
     "gptqmodel": ("gptqmodel", GPTQMODEL_CHILD, {"GPTQMODEL_CPU_WORKERS": "2"}, ("w4a16",)),
 }
-TOOLS = ("ours", *PEERS)
+# this toolkit's variants -> true_sequential (its default; "ours-1pass" calibrates each layer in one pass as the peers do)
+OURS = {"ours": True, "ours-1pass": False}
+TOOLS = (*OURS, *PEERS)
 
 
 def ensure_peer_venv(name: str) -> Path:
@@ -281,7 +283,7 @@ def main() -> int:
     ap.add_argument("--tools", default=",".join(TOOLS),
                     help=f"comma list of {', '.join(TOOLS)} (default: all; a peer whose venv cannot be "
                          "installed shows its error in the table)")
-    ap.add_argument("--no-peers", action="store_true", help="run this toolkit only (same as --tools ours)")
+    ap.add_argument("--no-peers", action="store_true", help="run this toolkit only (same as --tools ours,ours-1pass)")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP/MKL/OpenBLAS threads of every tool's subprocess (default: their own defaults)")
     args = ap.parse_args()
@@ -297,11 +299,11 @@ def main() -> int:
     cut = text.index("\n\n", int(len(text) * 0.8))
     calib = work / "calib.txt"
     calib.write_text(text[:cut])
-    tools = ["ours"] if args.no_peers else [t.strip() for t in args.tools.split(",") if t.strip()]
+    tools = list(OURS) if args.no_peers else [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = set(tools) - set(TOOLS)
     if unknown:
         ap.error(f"unknown tools {sorted(unknown)}; choose from {', '.join(TOOLS)}")
-    pythons, install_errors = {"ours": sys.executable}, {}
+    pythons, install_errors = {tool: sys.executable for tool in OURS}, {}
     for tool in tools:
         if tool in PEERS:
             try:
@@ -329,19 +331,22 @@ def main() -> int:
         for scheme in schemes:
             group = str(spec["group_size"])
             for tool in tools:
-                if tool != "ours" and (name == "1b" or scheme not in PEERS[tool][3]):
+                if tool in PEERS and (name == "1b" or scheme not in PEERS[tool][3]):
                     continue
                 row = {"model": name, "scheme": scheme, "tool": tool, "fp_ppl": fp_ppl,
                        "model_mb": dir_bytes(model) / 2**20}
                 if tool in install_errors:
                     rows.append({**row, "error": install_errors[tool]})
                     continue
-                code, extra = (OURS_CHILD, env) if tool == "ours" else (PEERS[tool][1], PEERS[tool][2])
+                code, extra = (OURS_CHILD, env) if tool in OURS else (PEERS[tool][1], PEERS[tool][2])
                 out = work / f"{name}-{scheme}-{tool}"
+                child_args = [str(model), str(out), scheme, group, str(samples_path)]
+                if tool in OURS:
+                    child_args.append("1" if OURS[tool] else "0")
                 print(f"[{name} {scheme}] {tool} ...", flush=True)
-                res = run_child(pythons[tool], code, [str(model), str(out), scheme, group, str(samples_path)],
-                                work / f"{name}-{scheme}-{tool}.log", env={**threads, **extra},
-                                cwd=REPO if tool == "ours" else work)  # GPTQModel writes ./logs/
+                res = run_child(pythons[tool], code, child_args, work / f"{name}-{scheme}-{tool}.log",
+                                env={**threads, **extra},
+                                cwd=REPO if tool in OURS else work)  # GPTQModel writes ./logs/
                 if "error" not in res and name != "1b":
                     try:
                         if tool == "gptqmodel":
@@ -372,21 +377,23 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['model']:<12}{r['scheme']:<7}{r['tool']:<15}{r['wall_s']:8.1f}{r['quant_s']:9.1f}"
               f"{r['peak_rss_mb']:13.0f}{r['peak_rss_mb'] / r['model_mb']:10.2f}{ppl}{fp}")
     by = {(r["model"], r["scheme"], r["tool"]): r for r in rows}
-    for peer_tool in PEERS:
-        pairs = [(m, s, r, by.get((m, s, peer_tool))) for (m, s, t), r in by.items() if t == "ours"]
+    for ours, peer_tool in [(o, p) for o in OURS for p in PEERS]:
+        pairs = [(m, s, r, by.get((m, s, peer_tool))) for (m, s, t), r in by.items() if t == ours]
         pairs = [p for p in pairs if p[3] is not None]
         if not pairs:
             continue
-        print(f"\nratios (ours / {peer_tool}):")
+        print(f"\nratios ({ours} / {peer_tool}):")
         for m, s, r, peer in pairs:
             if "error" in r or "error" in peer:
-                who = peer_tool if "error" in peer else "ours"
+                who = peer_tool if "error" in peer else ours
                 print(f"  {m:<12}{s:<7} - ({who} failed: {(peer if who == peer_tool else r)['error'][:200]})")
                 continue
             ppl = f"  ppl {r['ppl'] / peer['ppl']:.4f}" if "ppl" in r and "ppl" in peer else ""
             print(f"  {m:<12}{s:<7} wall {r['wall_s'] / peer['wall_s']:.2f}  quant {r['quant_s'] / peer['quant_s']:.2f}"
                   f"  peak RSS {r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}{ppl}")
     print(textwrap.dedent("""
+        ours: true-sequential inside each layer (the default); ours-1pass: --no-true-sequential, every
+        Hessian of a layer from one pass over the unquantized layer, as the peers calibrate.
         wall s: the whole subprocess (imports included); quant s: model load + calibration + GPTQ + save.
         RSS/model: peak RSS over the size of the source safetensors. ppl: torch dequantized model on
         held-out TinyStories text (W8A8 with per-token int8 activations). gptqmodel: GPTQModel 7.6.0
