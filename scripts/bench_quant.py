@@ -279,6 +279,9 @@ def main() -> int:
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the calibration windows (perplexity moves by tenths of a percent between draws: "
+                         "compare tools over several seeds)")
     ap.add_argument("--workdir", default=str(REPO / "runs" / "bench_quant"))
     ap.add_argument("--tools", default=",".join(TOOLS),
                     help=f"comma list of {', '.join(TOOLS)} (default: all; a peer whose venv cannot be "
@@ -323,7 +326,7 @@ def main() -> int:
             model = generate_llama(work / f"llama-{name}", spec)
         schemes = args.schemes.split(",") if name == "tinystories" else ["w4a16"]
         tok = load_tokenizer(model)
-        samples = calibration_samples(calib, tok, args.num_samples, args.seqlen, 0)
+        samples = calibration_samples(calib, tok, args.num_samples, args.seqlen, args.seed)
         samples_path = work / f"samples-{name}.pt"
         torch.save(samples, samples_path)
         eval_tokens = tokenize_text(tok, text[cut:])[: args.eval_tokens]
@@ -359,7 +362,7 @@ def main() -> int:
     (work / "results.json").write_text(json.dumps(rows, indent=2))
     print_table(rows)
     print(f"threads per tool: {args.threads or 'default'}")
-    print(f"calibration: the same {args.num_samples} windows of {args.seqlen} tokens for every tool and model "
+    print(f"calibration: the same {args.num_samples} windows of {args.seqlen} tokens (seed {args.seed}) for every tool and model "
           f"({args.num_samples * args.seqlen} tokens; float32 layer inputs of the 1b model: "
           f"{args.num_samples * args.seqlen * MODELS['1b']['hidden_size'] * 4 / 2**20:.0f} MiB)")
     return 0
