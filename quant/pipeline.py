@@ -221,7 +221,8 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
             plan.append((group, todo, smooth))
     first = [modules[todo[0][len(prefix) + 1:]] for _, todo, _ in plan]
     # Not true-sequential: every group's statistics from one pass over the unquantized layer.
-    stats = None if config.true_sequential else _group_statistics(layer, first, hidden, kwargs, [p[2] for p in plan])
+    one_pass = not config.true_sequential and plan
+    stats = _group_statistics(layer, first, hidden, kwargs, [p[2] for p in plan]) if one_pass else None
     for index, (group, todo, smooth) in enumerate(plan):
         linears = {n: modules[n[len(prefix) + 1:]] for n in todo}
         if stats is None:  # true-sequential: the earlier groups of this layer are quantized already
