@@ -241,26 +241,12 @@ def prepare_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order
     return PreparedHessian(dead, perm, factor)
 
 
-def gptq_quantize(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    scheme: LayerScheme,
-    *,
-    damp_percent: float = 0.01,
-    block_size: int = 128,
-    act_order: bool = False,
-    max_damp_retries: int = 5,
-    prepared: "PreparedHessian | None" = None,
-) -> QuantResult:
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: LayerScheme, **options) -> QuantResult:
     """GPTQ of one linear weight ``[out, in]`` given the Hessian ``[in, in]`` of its inputs.
 
-    ``act_order`` processes columns by decreasing ``diag(H)`` with *static*
-    groups: scales are fixed from the unmodified weight beforehand, so
-    ``g_idx[i] = i // group_size`` stays the natural order. ``prepared``
-    (from :func:`prepare_hessian`) shares one inverse among linears fed the same input.
+    ``options`` are the keyword options of :func:`gptq_quantize_shared`.
     """
-    return gptq_quantize_shared([weight], hessian, scheme, damp_percent=damp_percent, block_size=block_size,
-                                act_order=act_order, max_damp_retries=max_damp_retries, prepared=prepared)[0]
+    return gptq_quantize_shared([weight], hessian, scheme, **options)[0]
 
 
 def gptq_quantize_shared(
@@ -282,6 +268,11 @@ def gptq_quantize_shared(
     integers of its own :func:`gptq_quantize` call, with one Python loop over
     the columns instead of one per linear. Columns are kept as contiguous rows
     of ``Wᵀ`` so that each step touches contiguous memory.
+
+    ``act_order`` processes columns by decreasing ``diag(H)`` with *static*
+    groups: scales are fixed from the unmodified weight beforehand, so
+    ``g_idx[i] = i // group_size`` stays the natural order. ``prepared``
+    (from :func:`prepare_hessian`) shares one inverse among linears fed the same input.
     """
     sizes = [w.shape[0] for w in weights]
     in_f, out_f = weights[0].shape[1], sum(sizes)
