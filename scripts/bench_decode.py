@@ -111,7 +111,9 @@ def main() -> int:
                    help="VLLM_CPU_OMP_THREADS_BIND for every server, e.g. 0-1 (default: vLLM's auto binding, "
                         "which keeps one core for the API server)")
     p.add_argument("--cpuwna16", action="store_true",
-                   help="also run W4A16 on vLLM's CPUWNA16 kernel (this package's aten int4 kernel disabled)")
+                   help="also run W4A16 on vLLM's CPUWNA16 kernel (this package's int4 kernels disabled)")
+    p.add_argument("--aten-int4", action="store_true",
+                   help="also run W4A16 on aten's int4 kernel (this package's compiled tile GEMV disabled)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
@@ -121,8 +123,11 @@ def main() -> int:
     env = {"VLLM_CPU_OMP_THREADS_BIND": args.omp_bind} if args.omp_bind else {}
     runs = {"bf16": (src, env), "w4a16": (export(src, args.work, "w4a16"), env),
             "w8a8": (export(src, args.work, "w8a8"), env)}
+    if args.aten_int4:
+        runs["w4a16 (aten int4)"] = (runs["w4a16"][0], {**env, "VLLM_DISABLED_KERNELS": "TileInt4CPULinearKernel"})
     if args.cpuwna16:
-        runs["w4a16 (vLLM CPUWNA16)"] = (runs["w4a16"][0], {**env, "VLLM_DISABLED_KERNELS": "TorchInt4CPULinearKernel"})
+        runs["w4a16 (vLLM CPUWNA16)"] = (runs["w4a16"][0], {
+            **env, "VLLM_DISABLED_KERNELS": "TileInt4CPULinearKernel,TorchInt4CPULinearKernel"})
     results = {name: measure(ckpt, batches, args.new_tokens, args.repeats, env, args.enforce_eager) for name, (ckpt, env) in runs.items()}
 
     print(f"\nDecode tokens/s, random Llama {n_params / 1e9:.2f}B params, vLLM CPU, bf16 activations, "

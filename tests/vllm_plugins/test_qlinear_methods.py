@@ -145,21 +145,40 @@ def test_w4a16_fallback_shapes_vs_float64(vllm_tp1, kind, in_f, outs):
     _check(y, ref, "w4a16", torch.float32)
 
 
-def test_torch_int4_cpu_kernel_preferred(vllm_tp1):
-    """The native method runs our aten int4 kernel on CPU, also where vLLM
-    would choose CPUWNA16 (bf16 on builds with cpu_gemm_wna16)."""
+def _best_cpu_int4(dtype) -> str:
+    """The plugin's CPU int4 kernel for a layer whose shapes the tile layout takes."""
+    from vllm_plugins.quantization import cpu_int4_ext
+
+    fast = dtype == torch.bfloat16 and cpu_int4_ext.has_fast_path()
+    return "TileInt4CPULinearKernel" if fast else "TorchInt4CPULinearKernel"
+
+
+def test_plugin_cpu_int4_kernel_preferred(vllm_tp1):
+    """The native method runs our int4 kernels on CPU, also where vLLM would
+    choose CPUWNA16 (bf16 on builds with cpu_gemm_wna16): the compiled tile
+    GEMV for bf16 on AVX512-BF16 CPUs, aten's int4 kernel otherwise."""
     for dtype in (torch.float32, torch.bfloat16):
         y, ref, method = _run("qkv", 128, [128, 64, 64], {"scheme": "w4a16", "group_size": 32}, dtype)
-        assert method.kernel_name == "TorchInt4CPULinearKernel"
+        assert method.kernel_name == _best_cpu_int4(dtype)
         _check(y, ref, "w4a16", dtype)
 
 
+@pytest.mark.parametrize("kind, in_f, outs, gs, act_order", [W4_CASES[1], W4_CASES[3], W4_CASES[5]])
+def test_aten_int4_kernel_bf16_when_tile_disabled(vllm_tp1, monkeypatch, kind, in_f, outs, gs, act_order):
+    """VLLM_DISABLED_KERNELS=TileInt4CPULinearKernel: aten's int4 kernel, bf16 included."""
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "TileInt4CPULinearKernel")
+    y, ref, method = _run(kind, in_f, outs, {"scheme": "w4a16", "group_size": gs, "act_order": act_order},
+                          torch.bfloat16)
+    assert method.kernel_name == "TorchInt4CPULinearKernel"
+    _check(y, ref, "w4a16", torch.bfloat16)
+
+
 def test_cpuwna16_when_ours_disabled(vllm_tp1, monkeypatch):
-    """VLLM_DISABLED_KERNELS=TorchInt4CPULinearKernel gives vLLM's own CPU choice:
+    """Both of ours in VLLM_DISABLED_KERNELS gives vLLM's own CPU choice:
     CPUWNA16 where its op exists (bf16), else the logged torch fallback."""
     from vllm_plugins.quantization.cpu_int4 import cpu_gemm_wna16_available
 
-    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "TorchInt4CPULinearKernel")
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "TileInt4CPULinearKernel,TorchInt4CPULinearKernel")
     y, ref, method = _run("qkv", 128, [128, 64, 64], {"scheme": "w4a16", "group_size": 32}, torch.bfloat16)
     if cpu_gemm_wna16_available():
         assert method.kernel_name == "CPUWNA16LinearKernel"
@@ -190,13 +209,13 @@ def test_vllm_kernel_choice_includes_cpu_int4(vllm_tp1):
     from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
     from vllm.scalar_type import scalar_types
 
-    from vllm_plugins.quantization.cpu_int4 import TorchInt4CPULinearKernel, cpu_gemm_wna16_available
+    from vllm_plugins.quantization.cpu_int4 import cpu_gemm_wna16_available
 
     def chosen(dtype):
         return choose_mp_linear_kernel(MPLinearLayerConfig(
             full_weight_shape=(256, 128), partition_weight_shape=(256, 128), weight_type=scalar_types.uint4b8,
             act_type=dtype, group_size=128, zero_points=False)).__name__
 
-    assert chosen(torch.float32) == TorchInt4CPULinearKernel.__name__
+    assert chosen(torch.float32) == "TorchInt4CPULinearKernel"
     assert chosen(torch.bfloat16) == ("CPUWNA16LinearKernel" if cpu_gemm_wna16_available()
-                                      else TorchInt4CPULinearKernel.__name__)
+                                      else _best_cpu_int4(torch.bfloat16))

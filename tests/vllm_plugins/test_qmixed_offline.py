@@ -7,8 +7,9 @@
   at TP=1 and TP=2 (``VLLM_CPU_OMP_THREADS_BIND='0|1'``).
 - the toolkit's ``gptq`` export (AutoGPTQ v1 layout) served by vLLM's own
   ``AutoGPTQLinearMethod`` in bfloat16 with ``CPUWNA16`` disabled (as if the
-  build lacked ``cpu_gemm_wna16``): the registered ``TorchInt4CPULinearKernel``
-  must be chosen, and each greedy token is the float64 reference's best
+  build lacked ``cpu_gemm_wna16``): the registered CPU int4 kernel must be
+  chosen (``TileInt4CPULinearKernel`` on AVX512-BF16 CPUs), and each greedy
+  token is the float64 reference's best
   (or within ``BF16_GAP`` of it, a near-tie bf16 may flip).
 
 Each engine runs in a subprocess: this file is also the script
@@ -148,9 +149,11 @@ def test_intree_gptq_runs_on_registered_cpu_int4_kernel(tiny_llama, shared_dir, 
     # vLLM's gptq takes bf16/fp16 only. CPUWNA16 is disabled so that the test
     # sees what a build without cpu_gemm_wna16 (AVX2) does on any machine.
     report = _run_engine(tmp_path / "gptq", 1, "bfloat16", VLLM_DISABLED_KERNELS="CPUWNA16LinearKernel")
+    from vllm_plugins.quantization import cpu_int4_ext
+
+    kernel = "TileInt4CPULinearKernel" if cpu_int4_ext.has_fast_path() else "TorchInt4CPULinearKernel"
     quantized = {n: m for n, m in report["methods"].items() if n != "lm_head"}
-    assert quantized and all(m == ["AutoGPTQLinearMethod", "TorchInt4CPULinearKernel"] for m in quantized.values()), \
-        report["methods"]
+    assert quantized and all(m == ["AutoGPTQLinearMethod", kernel] for m in quantized.values()), report["methods"]
     reference = dequantized_reference(src, {"scheme": "w4a16", "group_size": 32}, deq)
     # bf16 activations: every greedy step must pick the reference's best token,
     # or one within BF16_GAP logits of it (a near-tie that bf16 rounding may flip).

@@ -126,20 +126,23 @@ class W4A16LinearMethod(KernelLinearMethod):
             kernel_type = choose_mp_linear_kernel(config)
         except ValueError as exc:
             return " ".join(str(exc).split())[:300]
-        if kernel_type.__name__ == "CPUWNA16LinearKernel":
-            # On CPU this method prefers the aten int4 kernel: it decodes faster
-            # than CPUWNA16 at batch 1 and 16 (scripts/bench_decode.py), and
-            # CPUWNA16 is picked without checking that its op exists in this
+        if kernel_type.__name__ in ("CPUWNA16LinearKernel", "TorchInt4CPULinearKernel"):
+            # On CPU this method prefers the plugin's int4 kernels: they decode
+            # faster than CPUWNA16 at batch 1 and 16 (scripts/bench_decode.py),
+            # and CPUWNA16 is picked without checking that its op exists in this
             # build or takes this activation dtype (it has no float32 path).
-            # VLLM_DISABLED_KERNELS=TorchInt4CPULinearKernel restores vLLM's choice.
-            from vllm_plugins.quantization.cpu_int4 import TorchInt4CPULinearKernel, cpu_wna16_problem
+            # VLLM_DISABLED_KERNELS=TileInt4CPULinearKernel,TorchInt4CPULinearKernel
+            # restores vLLM's choice.
+            from vllm_plugins.quantization.cpu_int4 import CPU_INT4_KERNELS, cpu_wna16_problem
 
-            ok, why = TorchInt4CPULinearKernel.supports(config)
+            reasons = {k.__name__: k.supports(config) for k in CPU_INT4_KERNELS}
+            usable = [k for k in CPU_INT4_KERNELS if reasons[k.__name__][0]]
             problem = cpu_wna16_problem(config.act_type)
-            if ok:
-                kernel_type = TorchInt4CPULinearKernel
+            if usable:
+                kernel_type = usable[0]
             elif problem is not None:
-                return f"CPUWNA16LinearKernel: {problem}; TorchInt4CPULinearKernel: {why}"
+                return f"CPUWNA16LinearKernel: {problem}; " + "; ".join(
+                    f"{name}: {why}" for name, (_, why) in reasons.items())
         self.kernel = kernel_type(config, w_q_param_name="qweight", w_s_param_name="scales")
         return None
 

@@ -1,0 +1,139 @@
+"""The compiled CPU int4 GEMM (``vllm_plugins/quantization/csrc/int4_gemv.cpp``).
+
+Ladder: the tile layout as a contract (decoded here with the docstring's
+formula, independently of the packer), then the op against float64
+``x @ ((u - 8) * s).T`` for the AVX512-BF16 path and the portable path.
+
+Tolerance: max |out - ref| / max |ref| <= 6e-3. The op takes bfloat16
+activations exactly (the reference uses the same bfloat16 values), multiplies
+and accumulates in float32 and rounds the result to bfloat16 (relative step
+2^-8, so at most 2^-9 = 2e-3 of max |ref|). A wrong nibble, group or scale
+moves outputs by far more (a single flipped nibble of weight ~1/16 of a row's
+terms). The dequantize-then-GEMM path (from ``DEQUANT_MIN_ROWS`` rows) also
+rounds each weight to bfloat16: 1.2e-2 there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_plugins.quantization import cpu_int4_ext as ext
+
+TOL_GEMV, TOL_DEQUANT = 6e-3, 1.2e-2
+SHAPES = [  # N, K, group size
+    (64, 256, 32), (96, 256, 64), (128, 512, 128), (32, 1024, 256), (16, 384, -1), (4, 128, 128), (44, 640, 128),
+]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    assert ext.load(), "the CPU int4 extension must build here (a C++ compiler is part of the set-up)"
+
+
+def _weights(n, k, gs, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    groups = 1 if gs == -1 else k // gs
+    u = torch.randint(0, 16, (n, k), generator=gen)
+    s = (torch.rand(groups, n, generator=gen) * 0.1 + 0.01).to(torch.bfloat16).float()
+    w = (u.double() - 8) * s.double().t().repeat_interleave(k // groups, dim=1)
+    return u, s, w
+
+
+def _rel_err(out, ref):
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_tile_layout_contract():
+    """Decode qw and sc with the module docstring's formula, independently of pack_tiles."""
+    n, k, gs = 12, 384, 64
+    u, s, _ = _weights(n, k, gs)
+    qw, sc = ext.pack_tiles(u, s, gs)
+    assert qw.dtype == torch.uint8 and qw.shape == (n // 4, k // 128, 4, 64)
+    assert sc.dtype == torch.float32 and sc.shape == (n // 4, k // gs, 4)
+    q = qw.numpy().astype(np.uint32)
+    words = q[..., 0::2] | (q[..., 1::2] << 8)  # [t, c, r, j]
+    decoded = np.zeros((n, k), dtype=np.int64)
+    for t in range(n // 4):
+        for c in range(k // 128):
+            for r in range(4):
+                for i in range(4):
+                    decoded[4 * t + r, 128 * c + 32 * i: 128 * c + 32 * i + 32] = (words[t, c, r] >> (4 * i)) & 15
+    np.testing.assert_array_equal(decoded, u.numpy())
+    for t in range(n // 4):
+        for r in range(4):
+            np.testing.assert_array_equal(sc[t, :, r].numpy(), s[:, 4 * t + r].numpy())
+
+
+@pytest.mark.parametrize("n, k, gs, why", [
+    (6, 128, 128, "multiple of 4"), (8, 192, 64, "multiple of 128"), (8, 256, 96, "group size 96"),
+    (8, 384, 256, "group size 256"), (8, 256, 16, "group size 16"),
+])
+def test_tile_problem_names_the_shape(n, k, gs, why):
+    assert why in ext.tile_problem(n, k, gs)
+    with pytest.raises(ValueError, match="int4 tile layout"):
+        ext.pack_tiles(torch.zeros(n, k, dtype=torch.int32), torch.ones(max(1, k // abs(gs)), n), gs)
+
+
+def test_fast_path_follows_cpu_flags(loaded):
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert ext.has_fast_path() == ({"avx512f", "avx512bw", "avx512_bf16"} <= flags)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["best", "portable"])
+@pytest.mark.parametrize("n, k, gs", SHAPES)
+def test_int4_gemm_vs_float64(loaded, n, k, gs, portable):
+    u, s, w = _weights(n, k, gs)
+    qw, sc = ext.pack_tiles(u, s, gs)
+    for m in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        out = ext.int4_gemm(x, qw, sc, gs, portable)
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+        err = _rel_err(out, x.double() @ w.t())
+        assert err <= TOL_GEMV, (m, err)
+
+
+@pytest.mark.parametrize("n, k, gs", SHAPES[:3])
+def test_linear_both_paths_vs_float64(loaded, n, k, gs):
+    """``linear`` with bias and leading dims: GEMV below DEQUANT_MIN_ROWS rows, dequantized GEMM from it."""
+    u, s, w = _weights(n, k, gs)
+    qw, sc = ext.pack_tiles(u, s, gs)
+    assert torch.equal(ext.dequantize(qw, sc, gs), w.to(torch.bfloat16))
+    bias = torch.randn(n).to(torch.bfloat16)
+    for rows, tol in ((ext.DEQUANT_MIN_ROWS - 1, TOL_GEMV), (ext.DEQUANT_MIN_ROWS, TOL_DEQUANT)):
+        x = torch.randn(1, rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        out = ext.linear(x, qw, sc, gs, bias)
+        assert out.shape == (1, rows, n)
+        assert _rel_err(out, x.double() @ w.t() + bias.double()) <= tol
+
+
+def test_linear_under_torch_compile(loaded):
+    """vLLM compiles the model on CPU by default: the op traces with a dynamic batch size."""
+    n, k, gs = 64, 256, 64
+    u, s, _ = _weights(n, k, gs)
+    qw, sc = ext.pack_tiles(u, s, gs)
+    compiled = torch.compile(lambda x: ext.linear(x, qw, sc, gs) * 2, fullgraph=True, dynamic=True)
+    for rows in (1, 3, ext.DEQUANT_MIN_ROWS + 1):
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        assert torch.equal(compiled(x), ext.linear(x, qw, sc, gs) * 2)
+
+
+def test_bad_arguments_are_clear_errors(loaded):
+    u, s, _ = _weights(8, 256, 64)
+    qw, sc = ext.pack_tiles(u, s, 64)
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="x must be 2-D bfloat16"):
+        ext.int4_gemm(x.float(), qw, sc, 64)
+    with pytest.raises(RuntimeError, match="x has 128 inputs"):
+        ext.int4_gemm(x[:, :128], qw, sc, 64)
+    with pytest.raises(RuntimeError, match="scales must be float32"):
+        ext.int4_gemm(x, qw, sc, 128)
+    with pytest.raises(RuntimeError, match="group size 48"):
+        ext.int4_gemm(x, qw, sc, 48)

@@ -1,0 +1,185 @@
+"""The plugin's compiled CPU int4 GEMM (``csrc/int4_gemv.cpp``): build, load, pack, call.
+
+The source is compiled on first use with the C++ compiler that built nothing
+else here (``$CXX`` or ``c++``), against the installed torch, into a cache
+folder keyed by the source, torch version and compiler
+(``$VLLM_PLUGINS_CACHE`` or ``~/.cache/vllm_plugins``). ``scripts/setup.sh``
+builds it once up front. Where no compiler is found or the build fails,
+:func:`load` says why once and returns False; callers then keep PyTorch's
+aten int4 kernel.
+
+Tile layout (the contract :func:`pack_tiles` builds and the C++ reads; see
+the header of ``int4_gemv.cpp``): for stored nibbles ``u[N, K]`` (``q + 8``),
+``N % 4 == 0`` and ``K % 128 == 0``::
+
+    qw[t, c, r, 2*j : 2*j+2]  = little-endian uint16 word j, whose nibble i is
+                                u[4*t + r, 128*c + 32*i + j]
+    sc[t, g, r]               = float32 scale of row 4*t + r, group g
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from vllm.logger import init_logger
+
+logger = init_logger("vllm.plugins.vllm_plugins.cpu_int4_ext")
+
+SOURCE = Path(__file__).with_name("csrc") / "int4_gemv.cpp"
+ROWS, CHUNK = 4, 128
+LIB_NAME = "vllm_plugins_int4_cpu"
+# From this many activation rows on, dequantizing to bfloat16 and running a
+# bfloat16 GEMM beats unpacking every weight once per row (measured with
+# scripts/bench_int4_cpu.py: the GEMV path wins up to 16 rows, bfloat16 from 64).
+DEQUANT_MIN_ROWS = 32
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+
+def library_path(cxx: str) -> Path:
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(torch.__version__.encode())
+    key.update(cxx.encode())
+    root = Path(os.environ.get("VLLM_PLUGINS_CACHE") or Path.home() / ".cache" / "vllm_plugins")
+    return root / f"{LIB_NAME}-{key.hexdigest()[:16]}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library unless the cache has it; returns its path.
+
+    Writes to a temporary file and renames it, so tensor-parallel ranks that
+    build at once never load a half-written library."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found ($CXX, c++, g++)")
+    out = library_path(cxx)
+    if out.exists():
+        return out
+    from torch.utils import cpp_extension
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch_lib = Path(torch.__file__).parent / "lib"
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           *(f"-I{p}" for p in cpp_extension.include_paths()),
+           str(SOURCE), "-o", tmp,
+           f"-L{torch_lib}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_lib}"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-4000:]}")
+        if verbose:
+            print(" ".join(cmd))
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def load() -> bool:
+    """Build (if needed) and load the op library once per process."""
+    if hasattr(torch.ops, "vllm_plugins_cpu") and hasattr(torch.ops.vllm_plugins_cpu, "int4_gemm"):
+        return True
+    try:
+        torch.ops.load_library(str(build()))
+    except (RuntimeError, OSError) as exc:
+        logger.warning("CPU int4 GEMM extension unavailable, using aten's int4 kernel: %s", exc)
+        return False
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile's tracing (vLLM compiles the model on CPU)."""
+
+    @torch.library.register_fake("vllm_plugins_cpu::int4_gemm")
+    def _gemm(x, qw, sc, group_size, portable=False):
+        return x.new_empty((x.shape[0], qw.shape[0] * ROWS))
+
+    @torch.library.register_fake("vllm_plugins_cpu::int4_linear")
+    def _linear(x, qw, sc, group_size, dequant_min_rows):
+        return x.new_empty((x.shape[0], qw.shape[0] * ROWS))
+
+    @torch.library.register_fake("vllm_plugins_cpu::int4_dequant")
+    def _dequant(qw, sc, group_size):
+        return qw.new_empty((qw.shape[0] * ROWS, qw.shape[1] * CHUNK), dtype=torch.bfloat16)
+
+
+def has_fast_path() -> bool:
+    """Whether the AVX512-BF16 path runs on this CPU (False where the library is missing)."""
+    return load() and bool(torch.ops.vllm_plugins_cpu.int4_has_fast_path())
+
+
+def tile_problem(n: int, k: int, group_size: int) -> str | None:
+    """Why the tile layout cannot hold an ``[N, K]`` weight in ``group_size`` groups, or None."""
+    gs = k if group_size == -1 else group_size
+    if n % ROWS:
+        return f"output size {n} is not a multiple of {ROWS}"
+    if k % CHUNK:
+        return f"input size {k} is not a multiple of {CHUNK}"
+    if gs % 32 or k % gs or (CHUNK % gs if gs < CHUNK else gs % CHUNK):
+        return f"group size {group_size} is not 32, 64 or a multiple of {CHUNK} dividing {k}"
+    return None
+
+
+def pack_tiles(u: torch.Tensor, scales_gn: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``u``: nibbles ``q + 8`` as integers ``[N, K]``; ``scales_gn``: ``[groups, N]``.
+
+    Returns ``(qw, sc)`` in the tile layout of the module docstring."""
+    n, k = u.shape
+    problem = tile_problem(n, k, group_size)
+    if problem is not None:
+        raise ValueError(f"int4 tile layout: {problem}")
+    u = u.to(torch.int32).reshape(n // ROWS, ROWS, k // CHUNK, 4, 32).permute(0, 2, 1, 4, 3)  # t c r j i
+    words = (u << torch.tensor([0, 4, 8, 12], dtype=torch.int32)).sum(-1)  # [t, c, r, 32]
+    qw = torch.stack([words & 0xFF, words >> 8], dim=-1).to(torch.uint8).reshape(n // ROWS, k // CHUNK, ROWS, 64)
+    groups = k // (k if group_size == -1 else group_size)
+    if scales_gn.shape != (groups, n):
+        raise ValueError(f"scales shape {tuple(scales_gn.shape)} is not ({groups}, {n})")
+    sc = scales_gn.to(torch.float32).t().reshape(n // ROWS, ROWS, groups).transpose(1, 2).contiguous()
+    return qw.contiguous(), sc
+
+
+def int4_gemm(x: torch.Tensor, qw: torch.Tensor, sc: torch.Tensor, group_size: int,
+              portable: bool = False) -> torch.Tensor:
+    """``x [M, K]`` bfloat16 times the packed weight; ``[M, N]`` bfloat16."""
+    return torch.ops.vllm_plugins_cpu.int4_gemm(x, qw, sc, group_size, portable)
+
+
+def dequantize(qw: torch.Tensor, sc: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The bfloat16 weight ``[N, K]`` of a packed one."""
+    return torch.ops.vllm_plugins_cpu.int4_dequant(qw, sc, group_size)
+
+
+def linear(x: torch.Tensor, qw: torch.Tensor, sc: torch.Tensor, group_size: int,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for bfloat16 ``x [..., K]``: the int4 GEMV up to
+    :data:`DEQUANT_MIN_ROWS` rows, a bfloat16 GEMM on the dequantized weight beyond."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    out = torch.ops.vllm_plugins_cpu.int4_linear(x2, qw, sc, group_size, DEQUANT_MIN_ROWS)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.reshape(*shape[:-1], out.shape[-1])
+
+
+if __name__ == "__main__":
+    if not load():
+        raise SystemExit("[setup] CPU int4 extension unavailable; W4A16 on CPU uses aten's int4 kernel")
+    print(f"[setup] CPU int4 extension: {build()} "
+          f"({'AVX512-BF16 path' if has_fast_path() else 'no AVX512-BF16 on this CPU: aten int4 serves W4A16'})")
