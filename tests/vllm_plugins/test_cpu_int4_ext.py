@@ -105,7 +105,8 @@ def test_linear_both_paths_vs_float64(loaded, n, k, gs):
     """``linear`` with bias and leading dims: GEMV below DEQUANT_MIN_ROWS rows, dequantized GEMM from it."""
     u, s, w = _weights(n, k, gs)
     qw, sc = ext.pack_tiles(u, s, gs)
-    assert torch.equal(ext.dequantize(qw, sc, gs), w.to(torch.bfloat16))
+    for portable in (False, True):
+        assert torch.equal(ext.dequantize(qw, sc, gs, portable), w.to(torch.bfloat16))
     bias = torch.randn(n).to(torch.bfloat16)
     for rows, tol in ((ext.DEQUANT_MIN_ROWS - 1, TOL_GEMV), (ext.DEQUANT_MIN_ROWS, TOL_DEQUANT)):
         x = torch.randn(1, rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)

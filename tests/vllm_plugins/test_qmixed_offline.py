@@ -6,7 +6,7 @@
   ignored ones don't. Greedy tokens equal the float64 dequantized reference,
   at TP=1 and TP=2 (``VLLM_CPU_OMP_THREADS_BIND='0|1'``).
 - the toolkit's ``gptq`` export (AutoGPTQ v1 layout) served by vLLM's own
-  ``AutoGPTQLinearMethod`` in bfloat16 with ``CPUWNA16`` disabled (as if the
+  ``AutoGPTQLinearMethod`` in bfloat16, compiled, with ``CPUWNA16`` disabled (as if the
   build lacked ``cpu_gemm_wna16``): the registered CPU int4 kernel must be
   chosen (``TileInt4CPULinearKernel`` on AVX512-BF16 CPUs), and each greedy
   token is the float64 reference's best
@@ -41,11 +41,11 @@ MIXED = {
 }
 
 
-def _engine_report(ckpt: str, tp: int, dtype: str) -> dict:
+def _engine_report(ckpt: str, tp: int, dtype: str, compiled: bool = False) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(ckpt, dtype=dtype, enforce_eager=True, max_model_len=256, tensor_parallel_size=tp,
+    llm = LLM(ckpt, dtype=dtype, enforce_eager=not compiled, max_model_len=256, tensor_parallel_size=tp,
               max_num_seqs=8)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params)
@@ -67,13 +67,13 @@ def _engine_report(ckpt: str, tp: int, dtype: str) -> dict:
     return report
 
 
-def _run_engine(ckpt: Path, tp: int, dtype: str = "float32", **extra_env: str) -> dict:
+def _run_engine(ckpt: Path, tp: int, dtype: str = "float32", compiled: bool = False, **extra_env: str) -> dict:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **extra_env}
     if tp == 1:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # apply_model in this process, no pickling
     else:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp))
-    proc = subprocess.run([sys.executable, __file__, str(ckpt), str(tp), dtype], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, __file__, str(ckpt), str(tp), dtype, str(int(compiled))], env=env, capture_output=True,
                           text=True, timeout=900)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -148,7 +148,9 @@ def test_intree_gptq_runs_on_registered_cpu_int4_kernel(tiny_llama, shared_dir, 
     deq = _toolkit_gptq_export(src, tmp_path / "gptq", shared_dir / "data" / "tinystories_val.txt", 32)
     # vLLM's gptq takes bf16/fp16 only. CPUWNA16 is disabled so that the test
     # sees what a build without cpu_gemm_wna16 (AVX2) does on any machine.
-    report = _run_engine(tmp_path / "gptq", 1, "bfloat16", VLLM_DISABLED_KERNELS="CPUWNA16LinearKernel")
+    # Compiled (vLLM's CPU default), so the tile kernel's op is traced by torch.compile.
+    report = _run_engine(tmp_path / "gptq", 1, "bfloat16", compiled=True,
+                         VLLM_DISABLED_KERNELS="CPUWNA16LinearKernel")
     from vllm_plugins.quantization import cpu_int4_ext
 
     kernel = "TileInt4CPULinearKernel" if cpu_int4_ext.has_fast_path() else "TorchInt4CPULinearKernel"
@@ -163,4 +165,4 @@ def test_intree_gptq_runs_on_registered_cpu_int4_kernel(tiny_llama, shared_dir, 
 
 
 if __name__ == "__main__":
-    print(json.dumps(_engine_report(sys.argv[1], int(sys.argv[2]), sys.argv[3])))
+    print(json.dumps(_engine_report(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1")))

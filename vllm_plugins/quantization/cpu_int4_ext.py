@@ -38,7 +38,8 @@ ROWS, CHUNK = 4, 128
 LIB_NAME = "vllm_plugins_int4_cpu"
 # From this many activation rows on, dequantizing to bfloat16 and running a
 # bfloat16 GEMM beats unpacking every weight once per row (measured with
-# scripts/bench_int4_cpu.py: the GEMV path wins up to 16 rows, bfloat16 from 64).
+# scripts/bench_int4_cpu.py, one thread: at 32 rows both take about 1.3x the bf16 GEMM;
+# the GEMV costs twice as much at 64 rows, the dequantized GEMM 1.1x bf16).
 DEQUANT_MIN_ROWS = 32
 
 
@@ -116,7 +117,7 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], qw.shape[0] * ROWS))
 
     @torch.library.register_fake("vllm_plugins_cpu::int4_dequant")
-    def _dequant(qw, sc, group_size):
+    def _dequant(qw, sc, group_size, portable=False):
         return qw.new_empty((qw.shape[0] * ROWS, qw.shape[1] * CHUNK), dtype=torch.bfloat16)
 
 
@@ -161,9 +162,9 @@ def int4_gemm(x: torch.Tensor, qw: torch.Tensor, sc: torch.Tensor, group_size: i
     return torch.ops.vllm_plugins_cpu.int4_gemm(x, qw, sc, group_size, portable)
 
 
-def dequantize(qw: torch.Tensor, sc: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize(qw: torch.Tensor, sc: torch.Tensor, group_size: int, portable: bool = False) -> torch.Tensor:
     """The bfloat16 weight ``[N, K]`` of a packed one."""
-    return torch.ops.vllm_plugins_cpu.int4_dequant(qw, sc, group_size)
+    return torch.ops.vllm_plugins_cpu.int4_dequant(qw, sc, group_size, portable)
 
 
 def linear(x: torch.Tensor, qw: torch.Tensor, sc: torch.Tensor, group_size: int,
