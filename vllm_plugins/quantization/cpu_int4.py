@@ -124,24 +124,35 @@ class TorchInt4CPULinearKernel(MPLinearKernel):
     @classmethod
     def supports(cls, c: MPLinearLayerConfig) -> tuple[bool, str | None]:
         """Whether this kernel can run the layer here (``VLLM_DISABLED_KERNELS`` included)."""
+        problem = cls._common_problem(c) or cls._kernel_problem(c)
+        return problem is None, problem
+
+    @classmethod
+    def _common_problem(cls, c: MPLinearLayerConfig) -> str | None:
         if not current_platform.is_cpu():
-            return False, "CPU only"
+            return "CPU only"
         if cls.__name__ in envs.VLLM_DISABLED_KERNELS:
-            return False, f"{cls.__name__} is in VLLM_DISABLED_KERNELS"
-        if not aten_int4_available():
-            return False, f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
+            return f"{cls.__name__} is in VLLM_DISABLED_KERNELS"
         if c.weight_type != scalar_types.uint4b8 or c.zero_points:
-            return False, f"only symmetric uint4b8 without zero points, got {c.weight_type}"
+            return f"only symmetric uint4b8 without zero points, got {c.weight_type}"
         if c.act_type not in ACT_DTYPES:
-            return False, f"activation dtype {c.act_type} not in {ACT_DTYPES}"
+            return f"activation dtype {c.act_type} not in {ACT_DTYPES}"
+        k, _ = c.partition_weight_shape
+        if c.group_size != -1 and k % c.group_size != 0:
+            return f"group size {c.group_size} does not divide input size {k}"
+        return None
+
+    @classmethod
+    def _kernel_problem(cls, c: MPLinearLayerConfig) -> str | None:
+        """What aten's kernel cannot take."""
+        if not aten_int4_available():
+            return f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
         k, n = c.partition_weight_shape
         if n % 16 != 0:
-            return False, f"output size {n} is not a multiple of 16"
-        if c.group_size != -1 and k % c.group_size != 0:
-            return False, f"group size {c.group_size} does not divide input size {k}"
+            return f"output size {n} is not a multiple of 16"
         if kernel_group_size(c.group_size, k) is None:
-            return False, f"group size {c.group_size} / input size {k} not representable in groups of 32..256"
-        return True, None
+            return f"group size {c.group_size} / input size {k} not representable in groups of 32..256"
+        return None
 
     def _nibbles_and_scales(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored nibbles ``[N, K]`` and scales ``[groups, N]``, whatever the checkpoint's orientation."""
@@ -157,13 +168,17 @@ class TorchInt4CPULinearKernel(MPLinearKernel):
         return u[:n, :k], scales
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        u, scales = self._nibbles_and_scales(layer)
-        packed, g, sz = pack_for_cpu(u, scales, self.config.group_size, self.config.act_type)
-        replace_parameter(layer, self.w_q_name, torch.nn.Parameter(packed, requires_grad=False))
-        replace_parameter(layer, self.w_s_name, torch.nn.Parameter(sz, requires_grad=False))
+        weight, scales = self._pack(layer, *self._nibbles_and_scales(layer))
+        replace_parameter(layer, self.w_q_name, torch.nn.Parameter(weight, requires_grad=False))
+        replace_parameter(layer, self.w_s_name, torch.nn.Parameter(scales, requires_grad=False))
         if self.w_zp_name is not None and getattr(layer, self.w_zp_name, None) is not None:
             setattr(layer, self.w_zp_name, None)  # symmetric: the checkpoint's zeros are unused
+
+    def _pack(self, layer: torch.nn.Module, u: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This kernel's weight and scales from nibbles ``[N, K]`` and scales ``[groups, N]``."""
+        packed, g, sz = pack_for_cpu(u, scales, self.config.group_size, self.config.act_type)
         layer.int4_kernel_group_size = g
+        return packed, sz
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         w, sz, _ = self._get_weight_params(layer)
@@ -175,29 +190,21 @@ class TileInt4CPULinearKernel(TorchInt4CPULinearKernel):
     activations, AVX512-BF16 CPUs, ``N % 4 == 0``, ``K % 128 == 0``."""
 
     @classmethod
-    def supports(cls, c: MPLinearLayerConfig) -> tuple[bool, str | None]:
-        ok, why = super().supports(c)
-        if not ok:
-            return ok, why
+    def _kernel_problem(cls, c: MPLinearLayerConfig) -> str | None:
         if c.act_type != torch.bfloat16:
-            return False, f"bfloat16 activations only, got {c.act_type}"
+            return f"bfloat16 activations only, got {c.act_type}"
         k, n = c.partition_weight_shape
         problem = cpu_int4_ext.tile_problem(n, k, c.group_size)
         if problem is not None:
-            return False, problem
+            return problem
         if not cpu_int4_ext.load():
-            return False, "the CPU int4 extension did not build or load (see the warning above)"
+            return "the CPU int4 extension did not build or load (see the warning above)"
         if not cpu_int4_ext.has_fast_path():
-            return False, "this CPU lacks AVX512-BF16"
-        return True, None
+            return "this CPU lacks AVX512-BF16"
+        return None
 
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        u, scales = self._nibbles_and_scales(layer)
-        qw, sc = cpu_int4_ext.pack_tiles(u, scales, self.config.group_size)
-        replace_parameter(layer, self.w_q_name, torch.nn.Parameter(qw, requires_grad=False))
-        replace_parameter(layer, self.w_s_name, torch.nn.Parameter(sc, requires_grad=False))
-        if self.w_zp_name is not None and getattr(layer, self.w_zp_name, None) is not None:
-            setattr(layer, self.w_zp_name, None)
+    def _pack(self, layer: torch.nn.Module, u: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cpu_int4_ext.pack_tiles(u, scales, self.config.group_size)
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         w, sc, _ = self._get_weight_params(layer)
@@ -208,17 +215,16 @@ CPU_INT4_KERNELS = (TileInt4CPULinearKernel, TorchInt4CPULinearKernel)  # best f
 
 
 def register_cpu_int4_kernel() -> str:
-    """Add the kernel to vLLM's CPU mixed-precision candidates (idempotent); returns what it did."""
+    """Add the kernels to vLLM's CPU mixed-precision candidates (idempotent); returns what it did.
+
+    Cheap: nothing is compiled here; each kernel checks what it needs (aten's
+    op; the extension, built or loaded on first use) when vLLM asks it."""
     from vllm.model_executor.kernels import linear as kernels
     from vllm.platforms import PlatformEnum
 
     candidates = kernels._POSSIBLE_KERNELS.setdefault(PlatformEnum.CPU, [])
     if all(k in candidates for k in CPU_INT4_KERNELS):
         return "already registered"
-    if not aten_int4_available():
-        logger.warning("CPU int4 kernel not registered: torch %s lacks aten._weight_int4pack_mm_for_cpu",
-                       torch.__version__)
-        return "unavailable"
     wna16 = CPUWNA16LinearKernel
     at = candidates.index(wna16) if wna16 in candidates else len(candidates)
     # Ahead of CPUWNA16, whose can_implement accepts layers its op cannot run;
