@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build(hidden: int, intermediate: int, layers: int, group_size: int):
-    from vllm_plugins.quantization import cpu_int4_ext
+    from vllm_plugins.quantization import cpu_ext
     from vllm_plugins.quantization.cpu_int4 import pack_for_cpu
 
     shapes = [(3 * hidden, hidden), (hidden, hidden), (2 * intermediate, hidden), (hidden, intermediate)]
@@ -33,14 +33,14 @@ def build(hidden: int, intermediate: int, layers: int, group_size: int):
             u = torch.randint(0, 16, (n, k), generator=gen)
             s = (torch.rand(k // group_size, n, generator=gen) * 0.01).to(torch.bfloat16)
             packed, g, sz = pack_for_cpu(u, s, group_size, torch.bfloat16)
-            qw, sc = cpu_int4_ext.pack_tiles(u, s.float(), group_size)
+            qw, sc = cpu_ext.pack_tiles(u, s.float(), group_size)
             bf16 = ((u - 8).to(torch.bfloat16) * 0.01).contiguous()
             weights.append({"k": k, "bf16": bf16, "aten": (packed, g, sz), "tile": (qw, sc)})
     return weights
 
 
 def step(weights, xs, kind: str, group_size: int) -> None:
-    from vllm_plugins.quantization import cpu_int4_ext
+    from vllm_plugins.quantization import cpu_ext
 
     for w in weights:
         x = xs[w["k"]]
@@ -49,11 +49,11 @@ def step(weights, xs, kind: str, group_size: int) -> None:
         elif kind == "aten int4":
             torch.ops.aten._weight_int4pack_mm_for_cpu(x, *w["aten"])
         else:
-            cpu_int4_ext.linear(x, *w["tile"], group_size)
+            cpu_ext.linear(x, *w["tile"], group_size)
 
 
 def main() -> int:
-    from vllm_plugins.quantization import cpu_int4_ext
+    from vllm_plugins.quantization import cpu_ext
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1, help="torch threads (vLLM's CPU engine uses one here)")
@@ -65,7 +65,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if not cpu_int4_ext.load():
+    if not cpu_ext.load():
         print("the CPU int4 extension did not build; see the warning above")
         return 1
     weights = build(args.hidden, args.intermediate, args.layers, args.group_size)
@@ -73,7 +73,7 @@ def main() -> int:
     kinds = ["bf16", "aten int4", "tile int4"]
     print(f"\nLinears of one step: {n_params / 1e6:.0f}M weights ({args.layers} layers, hidden {args.hidden}, "
           f"intermediate {args.intermediate}), group {args.group_size}, {args.threads} thread(s), "
-          f"tile AVX512-BF16 path: {'yes' if cpu_int4_ext.has_fast_path() else 'no (portable C++)'}; "
+          f"tile AVX512-BF16 path: {'yes' if cpu_ext.has_fast_path() else 'no (portable C++)'}; "
           f"median of {args.repeats}, ms per step")
     print("| rows | " + " | ".join(kinds) + " | aten vs bf16 | tile vs bf16 | tile vs aten |")
     print("|---" * (len(kinds) + 4) + "|")

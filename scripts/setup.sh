@@ -91,7 +91,7 @@ EOF
 
 # Build the plugin's CPU int4 GEMM now rather than at the first served model
 # (about 15 s). Without a C++ compiler W4A16 keeps aten's int4 kernel.
-"$PY" -m vllm_plugins.quantization.cpu_int4_ext || echo "[setup] warning: CPU int4 extension not built"
+"$PY" -m vllm_plugins.quantization.cpu_ext || echo "[setup] warning: CPU int4 extension not built"
 
 echo "$want" >"$STAMP"
 echo "[setup] ok: $VENV ($("$PY" -c 'import vllm; print("vllm", vllm.__version__)'))"

@@ -129,8 +129,11 @@ def test_mixed_methods_per_layer(mixed_tp1):
     assert methods["model.layers.0.mlp.down_proj"][0] == "UnquantizedLinearMethod"
     assert methods["lm_head"][0] == "UnquantizedEmbeddingMethod"
     assert len(methods) == 2 * 4 + 1
+    from vllm_plugins.quantization import cpu_ext
+
+    int8 = "GemvInt8CPULinearKernel" if cpu_ext.int8_has_fast_path() else "CPUInt8ScaledMMLinearKernel"
     kernels = {m[1] for m in methods.values() if m[0] != "UnquantizedLinearMethod" and m[1]}
-    assert kernels == {"CPUInt8ScaledMMLinearKernel", "TorchInt4CPULinearKernel"}, methods
+    assert kernels == {int8, "TorchInt4CPULinearKernel"}, methods
 
 
 def test_mixed_greedy_equals_reference(mixed, mixed_tp1):
@@ -151,9 +154,9 @@ def test_intree_gptq_runs_on_registered_cpu_int4_kernel(tiny_llama, shared_dir, 
     # Compiled (vLLM's CPU default), so the tile kernel's op is traced by torch.compile.
     report = _run_engine(tmp_path / "gptq", 1, "bfloat16", compiled=True,
                          VLLM_DISABLED_KERNELS="CPUWNA16LinearKernel")
-    from vllm_plugins.quantization import cpu_int4_ext
+    from vllm_plugins.quantization import cpu_ext
 
-    kernel = "TileInt4CPULinearKernel" if cpu_int4_ext.has_fast_path() else "TorchInt4CPULinearKernel"
+    kernel = "TileInt4CPULinearKernel" if cpu_ext.has_fast_path() else "TorchInt4CPULinearKernel"
     quantized = {n: m for n, m in report["methods"].items() if n != "lm_head"}
     assert quantized and all(m == ["AutoGPTQLinearMethod", kernel] for m in quantized.values()), report["methods"]
     reference = dequantized_reference(src, {"scheme": "w4a16", "group_size": 32}, deq)

@@ -6,7 +6,7 @@ layer then dies at its first forward. Two kernels here, both with the weights
 repacked once at load time:
 
 - :class:`TileInt4CPULinearKernel`: the plugin's compiled GEMV
-  (:mod:`.cpu_int4_ext`), bfloat16 activations on CPUs with AVX512-BF16.
+  (:mod:`.cpu_ext`), bfloat16 activations on CPUs with AVX512-BF16.
   At batch 1 it runs the linears of a 0.5B model in about 0.55x the time of
   aten's int4 kernel (``scripts/bench_int4_cpu.py``).
 - :class:`TorchInt4CPULinearKernel`: PyTorch's own CPU int4 GEMM
@@ -37,7 +37,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
 from vllm.platforms import current_platform
 from vllm.scalar_type import scalar_types
 
-from vllm_plugins.quantization import cpu_int4_ext
+from vllm_plugins.quantization import cpu_ext
 
 logger = init_logger("vllm.plugins.vllm_plugins.cpu_int4")
 
@@ -186,7 +186,7 @@ class TorchInt4CPULinearKernel(MPLinearKernel):
 
 
 class TileInt4CPULinearKernel(TorchInt4CPULinearKernel):
-    """The plugin's compiled int4 GEMV (:mod:`.cpu_int4_ext`): bfloat16
+    """The plugin's compiled int4 GEMV (:mod:`.cpu_ext`): bfloat16
     activations, AVX512-BF16 CPUs, ``N % 4 == 0``, ``K % 128 == 0``."""
 
     @classmethod
@@ -194,21 +194,21 @@ class TileInt4CPULinearKernel(TorchInt4CPULinearKernel):
         if c.act_type != torch.bfloat16:
             return f"bfloat16 activations only, got {c.act_type}"
         k, n = c.partition_weight_shape
-        problem = cpu_int4_ext.tile_problem(n, k, c.group_size)
+        problem = cpu_ext.tile_problem(n, k, c.group_size)
         if problem is not None:
             return problem
-        if not cpu_int4_ext.load():
+        if not cpu_ext.load():
             return "the CPU int4 extension did not build or load (see the warning above)"
-        if not cpu_int4_ext.has_fast_path():
+        if not cpu_ext.has_fast_path():
             return "this CPU lacks AVX512-BF16"
         return None
 
     def _pack(self, layer: torch.nn.Module, u: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return cpu_int4_ext.pack_tiles(u, scales, self.config.group_size)
+        return cpu_ext.pack_tiles(u, scales, self.config.group_size)
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         w, sc, _ = self._get_weight_params(layer)
-        return cpu_int4_ext.linear(x, w, sc, self.config.group_size, bias)
+        return cpu_ext.linear(x, w, sc, self.config.group_size, bias)
 
 
 CPU_INT4_KERNELS = (TileInt4CPULinearKernel, TorchInt4CPULinearKernel)  # best first

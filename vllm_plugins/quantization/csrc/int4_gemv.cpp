@@ -1,6 +1,6 @@
 // CPU int4 weight-only GEMM for small batches (decode), symmetric uint4b8.
 //
-// Layout (built by vllm_plugins.quantization.cpu_int4_ext.pack_tiles; tested
+// Layout (built by vllm_plugins.quantization.cpu_ext.pack_tiles; tested
 // there as a contract). Weights W[N, K] are stored nibbles u = q + 8 in 0..15,
 // N % 4 == 0, K % 128 == 0:
 //   qw: uint8 [N / 4, K / 128, 4, 64]  -- tile t holds rows 4t..4t+3; for

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_plugins.quantization import cpu_int4_ext as ext
+from vllm_plugins.quantization import cpu_ext as ext
 
 TOL_GEMV, TOL_DEQUANT = 6e-3, 1.2e-2
 SHAPES = [  # N, K, group size
