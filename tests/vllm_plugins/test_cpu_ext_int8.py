@@ -64,8 +64,9 @@ def test_int8_linear_vs_float64(loaded, n, k, dtype):
 
 def test_bias_and_leading_dims(loaded):
     w, wsum, scales = _layer(64, 128)
-    x = torch.randn(2, 3, 128)
-    bias = torch.randn(64)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 128, generator=gen)
+    bias = torch.randn(64, generator=gen)
     out = cpu_ext.int8_linear(x, w, wsum, scales, bias)
     ref = w8a8_reference(x.double(), w, scales.double(), bias.double())
     assert out.shape == (2, 3, 64)
