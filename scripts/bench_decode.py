@@ -112,8 +112,6 @@ def main() -> int:
                         "which keeps one core for the API server)")
     p.add_argument("--cpuwna16", action="store_true",
                    help="also run W4A16 on vLLM's CPUWNA16 kernel (this package's int4 kernels disabled)")
-    p.add_argument("--onednn-int8", action="store_true",
-                   help="also run W8A8 on vLLM's oneDNN kernel (this package's int8 GEMV disabled)")
     p.add_argument("--aten-int4", action="store_true",
                    help="also run W4A16 on aten's int4 kernel (this package's compiled tile GEMV disabled)")
     args = p.parse_args()
@@ -125,8 +123,6 @@ def main() -> int:
     env = {"VLLM_CPU_OMP_THREADS_BIND": args.omp_bind} if args.omp_bind else {}
     runs = {"bf16": (src, env), "w4a16": (export(src, args.work, "w4a16"), env),
             "w8a8": (export(src, args.work, "w8a8"), env)}
-    if args.onednn_int8:
-        runs["w8a8 (vLLM oneDNN)"] = (runs["w8a8"][0], {**env, "VLLM_DISABLED_KERNELS": "GemvInt8CPULinearKernel"})
     if args.aten_int4:
         runs["w4a16 (aten int4)"] = (runs["w4a16"][0], {**env, "VLLM_DISABLED_KERNELS": "TileInt4CPULinearKernel"})
     if args.cpuwna16:

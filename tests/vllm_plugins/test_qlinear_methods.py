@@ -187,39 +187,17 @@ def test_cpuwna16_when_ours_disabled(vllm_tp1, monkeypatch):
     _check(y, ref, "w4a16", torch.bfloat16)
 
 
-W8_CASES = [("qkv", 128, [128, 64, 64]), ("merged", 128, [256, 256]), ("row", 256, [128]),
-            ("merged", 64, [172, 172]), ("row", 172, [64])]
-
-
-def _int8_kernel() -> str:
-    from vllm_plugins.quantization import cpu_ext
-
-    return "GemvInt8CPULinearKernel" if cpu_ext.int8_has_fast_path() else "CPUInt8ScaledMMLinearKernel"
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind, in_f, outs", W8_CASES)
+@pytest.mark.parametrize("kind, in_f, outs", [("qkv", 128, [128, 64, 64]), ("merged", 128, [256, 256]),
+                                               ("row", 256, [128]), ("merged", 64, [172, 172]), ("row", 172, [64])])
 def test_w8a8_kernel_vs_float64(vllm_tp1, kind, in_f, outs, dtype):
-    """Our VNNI GEMV where the CPU has it (K=172 is not a multiple of 64: its oneDNN path)."""
     y, ref, method = _run(kind, in_f, outs, {"scheme": "w8a8"}, dtype)
-    assert method.kernel_name == _int8_kernel()
-    if method.kernel_name == "GemvInt8CPULinearKernel":
-        assert (method.kernel.gemv_problem is None) == (in_f % 64 == 0), method.kernel.gemv_problem
-    _check(y, ref, "w8a8", dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind, in_f, outs", W8_CASES[:3])
-def test_w8a8_onednn_when_gemv_disabled(vllm_tp1, monkeypatch, kind, in_f, outs, dtype):
-    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "GemvInt8CPULinearKernel")
-    y, ref, method = _run(kind, in_f, outs, {"scheme": "w8a8"}, dtype)
-    assert method.kernel_name == "CPUInt8ScaledMMLinearKernel"
+    assert method.kernel is not None, method.fallback_reason
     _check(y, ref, "w8a8", dtype)
 
 
 def test_w8a8_torch_fallback_vs_float64(vllm_tp1, monkeypatch):
-    monkeypatch.setenv("VLLM_DISABLED_KERNELS",
-                       "GemvInt8CPULinearKernel,CPUInt8ScaledMMLinearKernel,ZentorchInt8ScaledMMLinearKernel")
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "CPUInt8ScaledMMLinearKernel,ZentorchInt8ScaledMMLinearKernel")
     y, ref, method = _run("qkv", 128, [128, 64, 64], {"scheme": "w8a8"}, torch.float32)
     assert method.kernel is None and "CPUInt8ScaledMMLinearKernel" in method.fallback_reason
     _check(y, ref, "w8a8", torch.float32)

@@ -129,11 +129,8 @@ def test_mixed_methods_per_layer(mixed_tp1):
     assert methods["model.layers.0.mlp.down_proj"][0] == "UnquantizedLinearMethod"
     assert methods["lm_head"][0] == "UnquantizedEmbeddingMethod"
     assert len(methods) == 2 * 4 + 1
-    from vllm_plugins.quantization import cpu_ext
-
-    int8 = "GemvInt8CPULinearKernel" if cpu_ext.int8_has_fast_path() else "CPUInt8ScaledMMLinearKernel"
     kernels = {m[1] for m in methods.values() if m[0] != "UnquantizedLinearMethod" and m[1]}
-    assert kernels == {int8, "TorchInt4CPULinearKernel"}, methods
+    assert kernels == {"CPUInt8ScaledMMLinearKernel", "TorchInt4CPULinearKernel"}, methods
 
 
 def test_mixed_greedy_equals_reference(mixed, mixed_tp1):

@@ -1,18 +1,15 @@
-"""The plugin's compiled CPU GEMMs for decode: build, load, pack, call.
+"""The plugin's compiled CPU W4A16 GEMM for decode (``csrc/int4_gemv.cpp``): build, load, pack, call.
 
-- ``csrc/int4_gemv.cpp``: W4A16, bfloat16 activations, AVX512-BF16 path.
-- ``csrc/int8_gemv.cpp``: W8A8 (dynamic per-token int8 activations), AVX512-VNNI path.
-
-Both have a portable C++ path with the same results, used where the CPU
-lacks the instructions (the kernels in :mod:`.cpu_int4` and :mod:`.cpu_int8`
-then prefer PyTorch's or vLLM's own kernels) and by the tests.
+It has an AVX512-BF16 path and a portable C++ path with the same layout,
+which the tests check too; :mod:`.cpu_int4` uses the op only where the fast
+path runs, and PyTorch's int4 kernel elsewhere.
 
 The sources are compiled into one library on first use with the system C++
 compiler (``$CXX`` or ``c++``), against the installed torch, into a cache
 folder keyed by the sources, torch and compiler (``$VLLM_PLUGINS_CACHE`` or
 ``~/.cache/vllm_plugins``). ``scripts/setup.sh`` builds it once up front.
 Where no compiler is found or the build fails, :func:`load` says why once and
-returns False; the callers then keep the stock kernels.
+returns False; W4A16 then keeps PyTorch's int4 kernel.
 
 Tile layout (the contract :func:`pack_tiles` builds and the C++ reads; see
 the header of ``int4_gemv.cpp``): for stored nibbles ``u[N, K]`` (``q + 8``),
@@ -39,17 +36,14 @@ from vllm.logger import init_logger
 
 logger = init_logger("vllm.plugins.vllm_plugins.cpu_ext")
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int4_gemv.cpp", "int8_gemv.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / "int4_gemv.cpp"]
 ROWS, CHUNK = 4, 128
-INT8_BLOCK = 64  # inputs per int8 step: K % 64 == 0
 LIB_NAME = "vllm_plugins_cpu"
 # From this many activation rows on, dequantizing to bfloat16 and running a
 # bfloat16 GEMM beats unpacking every weight once per row (measured with
 # scripts/bench_int4_cpu.py, one thread: at 32 rows both take about 1.3x the bf16 GEMM;
 # the GEMV costs twice as much at 64 rows, the dequantized GEMM 1.1x bf16).
 DEQUANT_MIN_ROWS = 32
-# W8A8: from this many rows on, one int8 GEMM (torch._int_mm) instead of the GEMV.
-INT8_GEMM_MIN_ROWS = 16
 
 
 def compiler() -> str | None:
@@ -110,7 +104,7 @@ def load() -> bool:
     try:
         torch.ops.load_library(str(build()))
     except (RuntimeError, OSError) as exc:
-        logger.warning("CPU GEMM extension unavailable, W4A16/W8A8 keep the stock kernels: %s", exc)
+        logger.warning("CPU int4 GEMM extension unavailable, W4A16 keeps aten's int4 kernel: %s", exc)
         return False
     _register_fakes()
     return True
@@ -127,10 +121,6 @@ def _register_fakes() -> None:
     def _linear(x, qw, sc, group_size, dequant_min_rows):
         return x.new_empty((x.shape[0], qw.shape[0] * ROWS))
 
-    @torch.library.register_fake("vllm_plugins_cpu::int8_linear")
-    def _int8(x, w, wsum, scales, dequant_min_rows, portable=False):
-        return x.new_empty((x.shape[0], w.shape[0]))
-
     @torch.library.register_fake("vllm_plugins_cpu::int4_dequant")
     def _dequant(qw, sc, group_size, portable=False):
         return qw.new_empty((qw.shape[0] * ROWS, qw.shape[1] * CHUNK), dtype=torch.bfloat16)
@@ -140,10 +130,6 @@ def has_fast_path() -> bool:
     """Whether the int4 AVX512-BF16 path runs on this CPU (False where the library is missing)."""
     return load() and bool(torch.ops.vllm_plugins_cpu.int4_has_fast_path())
 
-
-def int8_has_fast_path() -> bool:
-    """Whether the int8 AVX512-VNNI path runs on this CPU (False where the library is missing)."""
-    return load() and bool(torch.ops.vllm_plugins_cpu.int8_has_fast_path())
 
 
 def tile_problem(n: int, k: int, group_size: int) -> str | None:
@@ -199,31 +185,8 @@ def linear(x: torch.Tensor, qw: torch.Tensor, sc: torch.Tensor, group_size: int,
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
-def int8_problem(n: int, k: int) -> str | None:
-    """Why the int8 GEMV cannot take an ``[N, K]`` weight, or None."""
-    if n % ROWS:
-        return f"output size {n} is not a multiple of {ROWS}"
-    if k % INT8_BLOCK:
-        return f"input size {k} is not a multiple of {INT8_BLOCK}"
-    return None
-
-
-def int8_linear(x: torch.Tensor, w: torch.Tensor, wsum: torch.Tensor, scales: torch.Tensor,
-                bias: torch.Tensor | None = None, portable: bool = False) -> torch.Tensor:
-    """W8A8 ``x [..., K]`` times int8 ``w [N, K]`` (``wsum`` int32 row sums, ``scales``
-    float32 ``[N]``); activations quantized per token inside. The GEMV below
-    :data:`INT8_GEMM_MIN_ROWS` rows, one int8 GEMM from there on."""
-    shape = x.shape
-    out = torch.ops.vllm_plugins_cpu.int8_linear(x.reshape(-1, shape[-1]), w, wsum, scales,
-                                                 INT8_GEMM_MIN_ROWS, portable)
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.reshape(*shape[:-1], out.shape[-1])
-
-
 if __name__ == "__main__":
     if not load():
-        raise SystemExit("[setup] CPU GEMM extension unavailable; W4A16/W8A8 on CPU use the stock kernels")
-    print(f"[setup] CPU GEMM extension: {build()} "
-          f"(int4 AVX512-BF16 path: {'yes' if has_fast_path() else 'no, aten int4 serves W4A16'}; "
-          f"int8 AVX512-VNNI path: {'yes' if int8_has_fast_path() else 'no, vLLM oneDNN serves W8A8'})")
+        raise SystemExit("[setup] CPU int4 GEMM extension unavailable; W4A16 on CPU uses aten's int4 kernel")
+    print(f"[setup] CPU int4 GEMM extension: {build()} "
+          f"(AVX512-BF16 path: {'yes' if has_fast_path() else 'no, aten int4 serves W4A16'})")

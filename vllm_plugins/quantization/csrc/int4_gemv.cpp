@@ -68,7 +68,7 @@ void group_offsets(const uint16_t* x, int64_t k, int64_t gs, float* out) {
 
 void tile_portable(const uint16_t* x, const uint8_t* qw, const float* sc, int64_t k,
                    int64_t gs, float* out) {
-  const int64_t chunks = k / kChunk, groups = k / gs;
+  const int64_t chunks = k / kChunk;
   float acc[kRows] = {0.f, 0.f, 0.f, 0.f};
   float part[kRows] = {0.f, 0.f, 0.f, 0.f};
   for (int64_t c = 0; c < chunks; ++c) {
@@ -93,7 +93,6 @@ void tile_portable(const uint16_t* x, const uint8_t* qw, const float* sc, int64_
       }
     }
   }
-  (void)groups;
   for (int64_t r = 0; r < kRows; ++r) out[r] = acc[r];
 }
 
@@ -247,7 +246,7 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
 // One tile's rows as bfloat16: a 16-entry table (u - 8) * s per row and group,
 // looked up 32 nibbles at a time with vpermw. Same rounding as the scalar path.
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dequant_tile_avx512(
-    const uint8_t* qw, const float* sc, int64_t k, int64_t gs, int64_t groups, c10::BFloat16* rows) {
+    const uint8_t* qw, const float* sc, int64_t k, int64_t gs, c10::BFloat16* rows) {
   const __m512 steps = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i low4 = _mm512_set1_epi16(0x000F);
   for (int64_t r = 0; r < kRows; ++r) {
@@ -267,7 +266,6 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dequant_tile_avx512(
       }
     }
   }
-  (void)groups;
 }
 #endif
 
@@ -292,7 +290,7 @@ at::Tensor int4_dequant(const at::Tensor& qw, const at::Tensor& sc, int64_t grou
     for (int64_t t = t0; t < t1; ++t) {
 #if VP_X86
       if (fast) {
-        dequant_tile_avx512(qp + t * chunks * kRows * kChunkBytes, sp + t * groups * kRows, k, gs, groups,
+        dequant_tile_avx512(qp + t * chunks * kRows * kChunkBytes, sp + t * groups * kRows, k, gs,
                             op + t * kRows * k);
         continue;
       }
