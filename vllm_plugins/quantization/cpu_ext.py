@@ -4,9 +4,9 @@ It has an AVX512-BF16 path and a portable C++ path with the same layout,
 which the tests check too; :mod:`.cpu_int4` uses the op only where the fast
 path runs, and PyTorch's int4 kernel elsewhere.
 
-The sources are compiled into one library on first use with the system C++
-compiler (``$CXX`` or ``c++``), against the installed torch, into a cache
-folder keyed by the sources, torch and compiler (``$VLLM_PLUGINS_CACHE`` or
+The source is compiled on first use with the system C++ compiler (``$CXX``
+or ``c++``), against the installed torch, into a cache folder keyed by the
+source, torch and compiler (``$VLLM_PLUGINS_CACHE`` or
 ``~/.cache/vllm_plugins``). ``scripts/setup.sh`` builds it once up front.
 Where no compiler is found or the build fails, :func:`load` says why once and
 returns False; W4A16 then keeps PyTorch's int4 kernel.
@@ -36,7 +36,7 @@ from vllm.logger import init_logger
 
 logger = init_logger("vllm.plugins.vllm_plugins.cpu_ext")
 
-SOURCES = [Path(__file__).with_name("csrc") / "int4_gemv.cpp"]
+SOURCE = Path(__file__).with_name("csrc") / "int4_gemv.cpp"
 ROWS, CHUNK = 4, 128
 LIB_NAME = "vllm_plugins_cpu"
 # From this many activation rows on, dequantizing to bfloat16 and running a
@@ -52,8 +52,7 @@ def compiler() -> str | None:
 
 def library_path(cxx: str) -> Path:
     key = hashlib.sha256()
-    for source in SOURCES:
-        key.update(source.read_bytes())
+    key.update(SOURCE.read_bytes())
     key.update(torch.__version__.encode())
     key.update(str(Path(torch.__file__).parent).encode())
     key.update(cxx.encode())
@@ -81,12 +80,12 @@ def build(verbose: bool = False) -> Path:
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            *(f"-I{p}" for p in cpp_extension.include_paths()),
-           *map(str, SOURCES), "-o", tmp,
+           str(SOURCE), "-o", tmp,
            f"-L{torch_lib}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_lib}"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"compiling {', '.join(p.name for p in SOURCES)} failed:\n{done.stderr[-4000:]}")
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-4000:]}")
         if verbose:
             print(" ".join(cmd))
         os.replace(tmp, out)
@@ -129,7 +128,6 @@ def _register_fakes() -> None:
 def has_fast_path() -> bool:
     """Whether the int4 AVX512-BF16 path runs on this CPU (False where the library is missing)."""
     return load() and bool(torch.ops.vllm_plugins_cpu.int4_has_fast_path())
-
 
 
 def tile_problem(n: int, k: int, group_size: int) -> str | None:
