@@ -68,7 +68,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_plugins.cli import CLIError
+    from quant.errors import CLIError
 
     names = {f.name for f in dataclasses.fields(TrainDrafterConfig)}
     cfg = TrainDrafterConfig(**{k: v for k, v in vars(args).items() if k in names})

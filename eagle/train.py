@@ -23,7 +23,7 @@ from eagle.checks import DrafterError, check_aux_layer_ids, check_vocab
 from eagle.features import decoder_stack, default_aux_layer_ids, target_features
 from eagle.layouts import LAYOUTS, write_drafter
 from eagle.torch_drafter import TorchEagle3Drafter
-from vllm_plugins.outdir import staged_output_dir
+from quant.outdir import staged_output_dir
 
 
 @dataclass

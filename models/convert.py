@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 
 from models.llama_variant_config import ARCHITECTURE, MODEL_TYPE
-from vllm_plugins.cli import CLIError
-from vllm_plugins.outdir import staged_output_dir
+from quant.errors import CLIError
+from quant.outdir import staged_output_dir
 
 
 def add_parser(subparsers):

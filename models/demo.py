@@ -55,7 +55,7 @@ def build_demo_model(out_dir: str | Path, config: DemoConfig = DemoConfig(), pro
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from models.tiny import build_tiny_llama, synthetic_corpus
-    from vllm_plugins.outdir import staged_output_dir
+    from quant.outdir import staged_output_dir
 
     out = Path(out_dir)
     if out.exists():
@@ -112,7 +112,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from vllm_plugins.cli import CLIError
+    from quant.errors import CLIError
 
     if args.out.exists():
         raise CLIError(f"--out {args.out} already exists")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from quant.errors import QuantInputError
-from vllm_plugins.outdir import staged_output_dir
+from quant.outdir import staged_output_dir
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -244,7 +244,7 @@ def check_output_dir(out: Path, source: Path, force: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, force: bool):
-    """:func:`vllm_plugins.outdir.staged_output_dir`, with ``--force`` replacing an output that
+    """:func:`quant.outdir.staged_output_dir`, with ``--force`` replacing an output that
     appeared meanwhile (and a clear error otherwise)."""
     written = False
     try:

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 
 from quant.config import CALIB_DTYPES, FORMATS, METHODS, SCHEMES, QuantConfig, parse_override
-from quant.errors import QuantInputError
+from quant.errors import CLIError, QuantInputError
 
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
              for f in dataclasses.fields(QuantConfig)}
@@ -65,8 +65,6 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_plugins.cli import CLIError
-
     from quant.gptq import HessianError
 
     try:
@@ -79,3 +77,19 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     print(report.summary())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m quant``: the quantize subcommand as a program of its own (no vLLM import)."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m quant")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    quantize = add_parser(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    args = quantize.parse_args(argv[1:] if argv[:1] == ["quantize"] else argv)
+    try:
+        return int(run(args) or 0)
+    except CLIError as exc:
+        print(f"python -m quant: error: {exc}", file=sys.stderr)
+        return 2

@@ -86,9 +86,9 @@ def load_hf_config(model_dir: Path):
         return AutoConfig.from_pretrained(str(model_dir))
     except (ValueError, KeyError):
         # The package's own model types (the LLaMA variant) register on demand.
-        from vllm_plugins.registration import _register_hf_configs
+        from models.hf_registration import register_hf_configs
 
-        _register_hf_configs()
+        register_hf_configs()
         try:
             return AutoConfig.from_pretrained(str(model_dir))
         except (ValueError, KeyError):

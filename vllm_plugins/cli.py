@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from quant.errors import CLIError  # noqa: F401  (re-exported: the shared user-error type)
+
 # Modules that contribute subcommands, in help order.
 SUBCOMMAND_MODULES: list[str] = [
     "models.convert",
@@ -20,10 +22,6 @@ SUBCOMMAND_MODULES: list[str] = [
     "vllm_plugins.evaluation.cli",
     "eagle.cli",
 ]
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:

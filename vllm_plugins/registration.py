@@ -1,12 +1,15 @@
 """What :func:`vllm_plugins.register` registers, and the code that does it.
 
-Each later feature adds one line to a table below; nothing here imports
+Each later feature adds one line to a table below (transformers model types:
+``models.hf_registration.HF_CONFIGS``); nothing here imports
 torch models or initialises a device.
 """
 
 from __future__ import annotations
 
 from vllm.logger import init_logger
+
+from models.hf_registration import import_target, register_hf_configs
 
 # Under the "vllm" logger namespace, so vLLM's handler (configured when
 # vllm.logger is imported) prints it in every process.
@@ -19,12 +22,6 @@ MODELS: dict[str, str] = {
     "TinyLlavaForConditionalGeneration": "eagle.vlm_target:TinyLlavaForConditionalGeneration",
 }
 
-# HF ``model_type`` -> ("module:ConfigClass", "module:ModelClass" or None),
-# registered with transformers' AutoConfig / AutoModelForCausalLM.
-HF_CONFIGS: dict[str, tuple[str, str | None]] = {
-    "llama_variant": ("models.llama_variant_config:LlamaVariantConfig", "models.llama_variant_hf:LlamaVariantForCausalLM"),
-}
-
 # Modules whose import registers a vLLM quantization config (through
 # ``register_quantization_config``) or a kernel; imported in order.
 QUANT_MODULES: list[str] = [
@@ -32,14 +29,6 @@ QUANT_MODULES: list[str] = [
 ]
 
 _registered: list[str] | None = None
-
-
-def _import(target: str):
-    import importlib
-
-    module, _, attr = target.partition(":")
-    mod = importlib.import_module(module)
-    return getattr(mod, attr) if attr else mod
 
 
 def _register_models() -> list[str]:
@@ -53,26 +42,10 @@ def _register_models() -> list[str]:
     return done
 
 
-def _register_hf_configs() -> list[str]:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    done = []
-    for model_type, (config_target, model_target) in HF_CONFIGS.items():
-        config_cls = _import(config_target)
-        try:
-            AutoConfig.register(model_type, config_cls, exist_ok=True)
-        except TypeError:  # older transformers without exist_ok
-            AutoConfig.register(model_type, config_cls)
-        if model_target is not None:
-            AutoModelForCausalLM.register(config_cls, _import(model_target), exist_ok=True)
-        done.append(model_type)
-    return done
-
-
 def _register_quant() -> list[str]:
     done = []
     for module in QUANT_MODULES:
-        _import(module)
+        import_target(module)
         done.append(module)
     return done
 
@@ -84,7 +57,7 @@ def register_all() -> list[str]:
         return _registered
     what = (
         [f"model {a}" for a in _register_models()]
-        + [f"hf-config {t}" for t in _register_hf_configs()]
+        + [f"hf-config {t}" for t in register_hf_configs()]
         + [f"quant {q}" for q in _register_quant()]
     )
     _registered = what

@@ -13,7 +13,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from vllm_plugins.cli import CLIError
+from quant.errors import CLIError
 from vllm_plugins.evaluation.runner import BACKENDS, TASKS, TEXT_TASKS, EvalSettings
 
 _DEFAULTS = {f.name: f.default for f in fields(EvalSettings) if not callable(f.default)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_plugins.outdir import staged_output_dir
+from quant.outdir import staged_output_dir
 
 
 def _siblings(path):
