@@ -47,16 +47,31 @@ def run(args) -> int:
             raise CLIError("--tokenizer applies to llama2.c .bin sources only")
         with staged_output_dir(output) as tmp:
             convert_hf_llama(source, tmp)
+            _check_finite(tmp, source, output)
     elif source.is_file():
         tokenizer = args.tokenizer or _find_llama2c_tokenizer(source)
         if not tokenizer.is_file():
             raise CLIError(f"tokenizer {tokenizer} not found")
         with staged_output_dir(output) as tmp:
             convert_llama2c(source, tokenizer, tmp)
+            _check_finite(tmp, source, output)
     else:
         raise CLIError(f"source {source} not found")
     print(f"wrote {output}")
     return 0
+
+
+def _check_finite(staged: Path, source: Path, output: Path) -> None:
+    """No NaN or Inf in the converted weights, before ``output`` is published."""
+    from quant.checkpoint import find_non_finite
+    from quant.errors import QuantInputError
+
+    try:
+        bad = find_non_finite(staged)
+    except QuantInputError as exc:
+        raise CLIError(str(exc).replace(str(staged), str(source))) from None
+    if bad is not None:
+        raise CLIError(f"{source}: tensor {bad[1]} has NaN or Inf values; {output} was not written")
 
 
 def _find_llama2c_tokenizer(checkpoint: Path) -> Path:

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 
 from quant.config import CALIB_DTYPES, FORMATS, METHODS, SCHEMES, QuantConfig, parse_override
-from quant.errors import CLIError, QuantInputError
+from quant.errors import CLIError, QuantInputError, run_command
 
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
              for f in dataclasses.fields(QuantConfig)}
@@ -88,8 +88,4 @@ def main(argv: list[str] | None = None) -> int:
     quantize = add_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
     args = quantize.parse_args(argv[1:] if argv[:1] == ["quantize"] else argv)
-    try:
-        return int(run(args) or 0)
-    except CLIError as exc:
-        print(f"python -m quant: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("python -m quant", run, args)
