@@ -269,6 +269,10 @@ def train_drafter(cfg: TrainDrafterConfig) -> Path:
 
     cfg.validate()
     torch.set_num_threads(cfg.threads)
+    if not cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars
     torch.manual_seed(cfg.seed)
     target = load_target(cfg.target)
     tc = text_config(target.config)
