@@ -235,3 +235,17 @@ def test_w4a16_fallback_reason_is_whole(vllm_tp1):
     expected = " ".join(str(info.value).split())
     assert len(expected) > 300  # longer than the old cut
     assert method.kernel is None and method.fallback_reason == expected
+
+
+def test_readme_float32_claim_matches_vllm():
+    """Row 22: the README said in-tree gptq layers run the plugin's kernels for float32
+    activations; vLLM refuses float32 for gptq checkpoints before any kernel is picked."""
+    from pathlib import Path
+
+    from vllm.model_executor.layers.quantization import get_quantization_config
+
+    assert torch.float32 not in get_quantization_config("gptq").get_supported_act_dtypes()
+    assert torch.float32 in get_quantization_config("compressed-tensors").get_supported_act_dtypes()
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    assert "vLLM rejects `--dtype float32` for any `gptq` checkpoint before it picks a kernel" in readme
+    assert "vLLM's in-tree `gptq` and compressed-tensors W4A16 layers use them too" not in readme
