@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="1600", help="comma-separated training budgets (default 1600)")
     p.add_argument("--prompts", type=int, default=48, help="held-out prompts (default 48)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of training (default 1)")
+    p.add_argument("--self-distill-sequences", type=int, default=None,
+                   help="sequences the target writes for training (default: TrainDrafterConfig's)")
     p.add_argument("--shared", type=Path,
                    default=Path(os.environ.get("VLLM_PLUGINS_SHARED", REPO_ROOT.parent / "shared")))
     args = p.parse_args(argv)
@@ -51,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         for i, steps in enumerate(int(s) for s in args.steps.split(",")):
             out = Path(work) / f"drafter-{steps}"
             t0 = time.perf_counter()
+            extra = {} if args.self_distill_sequences is None else {
+                "self_distill_sequences": args.self_distill_sequences}
             train_drafter(TrainDrafterConfig(target=target, data=data, out=out, steps=steps,
-                                             threads=args.threads, progress=False))
+                                             threads=args.threads, progress=False, **extra))
             seconds = time.perf_counter() - t0
             run_dir = Path(work) / f"run-{steps}"
             run_dir.mkdir()
@@ -65,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                          result["outputs"] == reference))
             print(f"steps {steps}: mean acceptance {rows[-1][2]:.3f}", file=sys.stderr, flush=True)
     load = os.getloadavg()
+    sd = args.self_distill_sequences or TrainDrafterConfig.self_distill_sequences
     print(f"TinyStories-656K drafter, K=3, greedy, {len(prompts)} held-out prompts x {MAX_TOKENS} tokens, "
-          f"{args.threads} training thread(s); load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"{sd} self-distilled sequences, {args.threads} training thread(s); load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print("| steps | train+self-distill s | mean acceptance | drafts | lossless |")
     print("|---|---|---|---|---|")
     for steps, seconds, mal, drafts, same in rows:

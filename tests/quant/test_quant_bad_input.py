@@ -141,8 +141,8 @@ def test_ignore_splits_fused_gate_up(capsys, source, tmp_path, calib):
 
 @pytest.mark.parametrize("flags, expect", [
     (["--seqlen", "513"], "--seqlen 513 is longer than the model's max_position_embeddings (512)"),
-    (["--override", "model.layers.*.mlp.nothing=w8a8"], "--override model.layers.*.mlp.nothing: matches no "
-                                                         "decoder-layer linear"),
+    (["--override", "model.layers.*.mlp.nothing=w8a8"],
+     "--override model.layers.*.mlp.nothing: matches no decoder-layer linear"),
     (["--ignore", "model.nothing.*"], "--ignore model.nothing.*: matches no linear module"),
 ], ids=["seqlen", "override", "ignore"])
 def test_silently_accepted_flags(capsys, source, tmp_path, calib, flags, expect):
