@@ -46,7 +46,8 @@ def _no_litter(out: Path) -> None:
 
 
 @pytest.mark.parametrize("command, signum", [("quantize", signal.SIGTERM), ("quantize", signal.SIGINT),
-                                             ("convert", signal.SIGTERM), ("train-drafter", signal.SIGINT)])
+                                             ("convert", signal.SIGTERM), ("train-drafter", signal.SIGINT)],
+                         ids=["quantize-SIGTERM", "quantize-SIGINT", "convert-SIGTERM", "train-drafter-SIGINT"])
 def test_signal_during_export(cli_process, source, calib, tmp_path, command, signum):
     """Rows 3 and 5: SIGTERM left .OUT.partial-XXXX; SIGINT was a KeyboardInterrupt traceback."""
     if command == "convert":  # convert takes a Llama directory: the tiny Llama is one
