@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
         report = quantize_checkpoint(args.model, args.out, config, args.calib, force=args.force,
                                      progress=not args.no_progress)
-    except (QuantInputError, HessianError) as exc:
+    except (QuantInputError, HessianError, OverflowError) as exc:  # OverflowError: a scale past its dtype
         raise CLIError(str(exc)) from None
     print(report.summary())
     return 0

@@ -201,3 +201,19 @@ def test_existing_empty_output_is_taken_over(capsys, source, tmp_path, calib):
     assert main(["quantize", "--model", str(source), "--out", str(out), "--calib", str(calib),
                  "--num-samples", "4", "--seqlen", "64", "--no-progress", "--method", "rtn"]) == 0
     assert (out / "model.safetensors.index.json").is_file()
+
+
+def test_shard_writer_refuses_non_finite(tmp_path):
+    """No NaN or Inf in an exported tensor: a shard with one is never written."""
+    import torch
+
+    from quant.checkpoint import ShardWriter
+    from quant.errors import QuantInputError
+
+    writer = ShardWriter(tmp_path, 1)
+    bad = torch.zeros(4, 4, dtype=torch.float16)
+    bad[1, 1] = float("inf")
+    with pytest.raises(QuantInputError, match=r"exported tensor model.layers.0.mlp.down_proj.scales has NaN or Inf"):
+        writer.write_shard({"model.layers.0.mlp.down_proj.qweight": torch.zeros(4, 1, dtype=torch.int32),
+                            "model.layers.0.mlp.down_proj.scales": bad})
+    assert list(tmp_path.iterdir()) == []
