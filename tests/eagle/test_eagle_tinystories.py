@@ -21,9 +21,10 @@ import pytest
 
 VARIANT = {"architectures": ["LlamaVariantForCausalLM"]}
 PROMPT_TOKENS, MAX_TOKENS, NUM_PROMPTS = 24, 64, 48
-# scripts/bench_drafter.py --steps 300 --self-distill-sequences 1024 measured MEASURED here.
+# scripts/bench_drafter.py --steps 300 --self-distill-sequences 1024 measured 1.534 (48 prompts; 200 steps with
+# 4096 sequences gave 1.614, 400 gave 1.806); a drafter that learned nothing scores about 1.0.
 BUDGET = {"steps": 300, "self_distill_sequences": 1024}
-ACCEPTANCE_FLOOR = FLOOR
+ACCEPTANCE_FLOOR = 1.3
 
 
 @pytest.fixture(scope="module")
