@@ -96,12 +96,16 @@ def cli_process():
         if pause_s is not None:
             env[PAUSE_ENV] = str(pause_s)
 
-        def limit():
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
+        def setup():
+            # A suite started in the background (`cmd &`) inherits an ignored SIGINT: Python would
+            # keep ignoring it instead of raising KeyboardInterrupt.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if fsize_limit is not None:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
 
         module = ["-m", "quant", *argv[1:]] if argv[:1] == ["quant"] else ["-m", "vllm_plugins.cli", *argv]
         return subprocess.Popen([sys.executable, *module], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, preexec_fn=limit if fsize_limit is not None else None)
+                                text=True, preexec_fn=setup)
 
     return start
