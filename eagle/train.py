@@ -23,7 +23,7 @@ from eagle.checks import DrafterError, check_aux_layer_ids, check_finite, check_
 from eagle.features import decoder_stack, default_aux_layer_ids, target_features
 from eagle.layouts import LAYOUTS, write_drafter
 from eagle.torch_drafter import TorchEagle3Drafter
-from quant.outdir import staged_output_dir
+from quant.outdir import is_taken, staged_output_dir
 
 
 @dataclass
@@ -67,7 +67,7 @@ class TrainDrafterConfig:
         check_target_checkpoint(self.target)
         if not self.data.is_file():
             raise DrafterError(f"--data {self.data}: no such file")
-        if self.out.exists() and any(self.out.iterdir()):
+        if is_taken(self.out):
             raise DrafterError(f"--out {self.out}: exists and is not empty")
         if self.layout not in LAYOUTS:
             raise DrafterError(f"--layout {self.layout!r}: expected one of {LAYOUTS}")

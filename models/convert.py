@@ -9,8 +9,8 @@
   layout, plus a ``tokenizer.json`` built from the llama2.c tokenizer
   (``--tokenizer``, default: the single ``tok*.bin`` next to SRC).
 
-OUT must not exist; it is written to a temporary sibling and renamed at the
-end, so a failure leaves no partial directory. SRC is never modified.
+OUT must not exist (or be an empty directory); it is written to a
+temporary sibling and renamed at the end, so a failure leaves no partial directory. SRC is never modified.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from models.llama_variant_config import ARCHITECTURE, MODEL_TYPE
 from quant.errors import CLIError
-from quant.outdir import staged_output_dir
+from quant.outdir import is_taken, staged_output_dir
 
 
 def add_parser(subparsers):
@@ -31,7 +31,7 @@ def add_parser(subparsers):
         description=__doc__,
     )
     parser.add_argument("source", type=Path, help="HF Llama checkpoint directory or llama2.c .bin file")
-    parser.add_argument("output", type=Path, help="new checkpoint directory (must not exist)")
+    parser.add_argument("output", type=Path, help="new checkpoint directory (must not exist or be empty)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="llama2.c tokenizer .bin (llama2.c sources only; default: the tok*.bin next to SOURCE)")
     parser.set_defaults(func=run)
@@ -40,7 +40,7 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     source, output = args.source, args.output
-    if output.exists():
+    if is_taken(output):
         raise CLIError(f"output {output} already exists")
     if source.is_dir():
         if args.tokenizer is not None:

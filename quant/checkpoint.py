@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from quant.errors import QuantInputError
-from quant.outdir import staged_output_dir
+from quant.outdir import is_taken, staged_output_dir
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -266,7 +266,7 @@ def check_output_dir(out: Path, source: Path, force: bool) -> None:
     out_r, src_r = out.resolve(), source.resolve()
     if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
         raise QuantInputError(f"--out {out}: must not be the source checkpoint, inside it or contain it")
-    if out.exists() and not force and not (out.is_dir() and not any(out.iterdir())):  # empty: taken over
+    if is_taken(out) and not force:  # an empty directory is taken over
         raise QuantInputError(f"--out {out}: already exists (pass --force to replace it)")
     if out.exists() and not out.is_dir():
         raise QuantInputError(f"--out {out}: exists and is not a directory")

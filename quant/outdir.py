@@ -51,6 +51,12 @@ def current_umask() -> int:
     return mask
 
 
+def is_taken(out: Path) -> bool:
+    """``out`` exists and is not an empty directory (an empty one is taken over, as by ``mkdir -p``)."""
+    out = Path(out)
+    return out.exists() and not (out.is_dir() and not out.is_symlink() and not any(out.iterdir()))
+
+
 def _try_lock(path: Path) -> int | None:
     """An open descriptor of ``path`` holding its exclusive flock, or ``None`` when another
     process holds it."""

@@ -24,3 +24,11 @@ def test_nan_weights_are_not_published(tiny_llama, tmp_path, capsys):
     assert err == [f"vllm-plugins convert: error: {source}: tensor {name} has NaN or Inf values; {out} was not "
                    "written"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_existing_empty_output_is_taken_over(tiny_llama, tmp_path):
+    """Row 17: every command takes an existing empty output directory over, as quantize now does."""
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["convert", str(tiny_llama()), str(out)]) == 0
+    assert '"model_type": "llama_variant"' in (out / "config.json").read_text()
