@@ -10,7 +10,8 @@
   (``--tokenizer``, default: the single ``tok*.bin`` next to SRC).
 
 OUT must not exist (or be an empty directory); it is written to a
-temporary sibling and renamed at the end, so a failure leaves no partial directory. SRC is never modified.
+temporary sibling and renamed at the end, so a failure leaves no partial
+directory. SRC is never modified.
 """
 
 from __future__ import annotations
