@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from quant.config import CALIB_DTYPES, FORMATS, METHODS, SCHEMES, QuantConfig, parse_override
+from quant.config import CALIB_DTYPES, DEVICES, FORMATS, METHODS, SCHEMES, QuantConfig, parse_override
 from quant.errors import CLIError, QuantInputError
 
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
@@ -37,6 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=d["calib_dtype"],
                    help="dtype of the calibration forward passes; auto: bfloat16 for a bfloat16 checkpoint, "
                         f"else float32 (default {d['calib_dtype']})")
+    p.add_argument("--device", default=d["device"], metavar="|".join(DEVICES),
+                   help="where layers are calibrated and GPTQ runs; auto: CUDA when available, else the CPU "
+                        f"(default {d['device']})")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    default=d["true_sequential"],
                    help="take every input group's Hessian from one pass over the unquantized layer (fewer "
@@ -59,7 +62,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         scheme=args.scheme, group_size=args.group_size, method=args.method, format=args.format,
         act_order=args.act_order, damp_percent=args.damp_percent, block_size=args.block_size,
         num_samples=args.num_samples, seqlen=args.seqlen, seed=args.seed, smoothquant=args.smoothquant,
-        calib_dtype=args.calib_dtype, true_sequential=args.true_sequential,
+        calib_dtype=args.calib_dtype, true_sequential=args.true_sequential, device=args.device,
         ignore=tuple(args.ignore) if args.ignore is not None else _DEFAULTS["ignore"], overrides=overrides,
     )
 

@@ -22,6 +22,7 @@ FORMATS = ("native", "gptq", "compressed-tensors")
 METHODS = ("gptq", "rtn")
 GROUP_SIZES = (32, 64, 128, -1)
 CALIB_DTYPES = ("auto", "float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # for help and errors; N is a CUDA device index
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class QuantConfig:
     # GPTQ paper's true-sequential order: each input group's Hessian comes from a forward pass
     # through the already-quantized earlier groups of the layer. False: one pass per layer.
     true_sequential: bool = True
+    # Where layers are calibrated and GPTQ runs ("auto": CUDA when available, else the CPU; quant.device).
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -85,6 +88,8 @@ class QuantConfig:
         _choice("--format", self.format, FORMATS)
         _choice("--group-size", self.group_size, GROUP_SIZES)
         _choice("--calib-dtype", self.calib_dtype, CALIB_DTYPES)
+        if not _is_device(self.device):
+            raise QuantInputError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if not 0 < self.damp_percent < 1:
             raise QuantInputError(f"--damp-percent must be in (0, 1), got {self.damp_percent}")
         if self.block_size < 1:
@@ -131,6 +136,15 @@ class QuantConfig:
 
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _is_device(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    kind, sep, index = value.partition(":")
+    if sep:
+        return kind == "cuda" and index.isascii() and index.isdigit()
+    return value in ("auto", "cpu", "cuda")
 
 
 def _choice(flag: str, value, allowed) -> None:

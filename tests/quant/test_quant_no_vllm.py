@@ -16,16 +16,13 @@ targets of :data:`models.hf_registration.HF_CONFIGS`).
 from __future__ import annotations
 
 import ast
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from quant.checkpoint import ShardReader
 from quant.cli import main as quant_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,11 +56,10 @@ QUANT_ARGS = ["--scheme", "w4a16", "--group-size", "32", "--num-samples", "8", "
 def source(tiny_llama, tmp_path_factory):
     model = tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=1, model_type="llama_variant", qk_norm=True)
+    from models.tiny import synthetic_corpus
+
     calib = tmp_path_factory.mktemp("calib") / "calib.txt"
-    words = "the cat sat on a mat and looked at the small red ball near the old tree".split()
-    g = torch.Generator().manual_seed(0)
-    paragraphs = [" ".join(words[int(i)] for i in torch.randint(len(words), (60,), generator=g)) for _ in range(16)]
-    calib.write_text("\n\n".join(paragraphs) + "\n")
+    calib.write_text("\n\n".join(synthetic_corpus(40)))
     return model, calib
 
 
@@ -83,26 +79,17 @@ def _run_blocked(module: str, argv: list[str], blocked: tuple[str, ...]) -> subp
                           timeout=600)
 
 
-def _assert_same_export(got: Path, want: Path) -> None:
-    assert json.loads((got / "config.json").read_text()) == json.loads((want / "config.json").read_text())
-    a, b = ShardReader(got), ShardReader(want)
-    assert sorted(a.names()) == sorted(b.names())
-    for name in b.names():
-        x, y = a.read(name), b.read(name)
-        assert x.dtype == y.dtype and torch.equal(x, y), name
-
-
 @pytest.mark.parametrize("module,prefix,blocked", [
     ("quant", [], ("vllm", "vllm_plugins")),
     ("vllm_plugins.cli", ["quantize"], ("vllm",)),
 ], ids=["python-m-quant", "vllm-plugins-quantize"])
-def test_quantize_without_vllm(source, reference, tmp_path, module, prefix, blocked):
+def test_quantize_without_vllm(source, reference, tmp_path, assert_same_export, module, prefix, blocked):
     model, calib = source
     out = tmp_path / "out"
     proc = _run_blocked(module, [*prefix, "--model", str(model), "--out", str(out), "--calib", str(calib),
                                  *QUANT_ARGS], blocked)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    _assert_same_export(out, reference)
+    assert_same_export(out, reference)
 
 
 def test_blocker_blocks():
