@@ -11,6 +11,7 @@ import dataclasses
 
 from quant.config import CALIB_DTYPES, DEVICES, FORMATS, METHODS, SCHEMES, QuantConfig, parse_override
 from quant.errors import CLIError, QuantInputError
+from quant.schemes import GROUP_SIZES, names
 
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
              for f in dataclasses.fields(QuantConfig)}
@@ -27,8 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scheme", choices=SCHEMES, default=d["scheme"], help=f"default {d['scheme']}")
     p.add_argument("--format", choices=FORMATS, default=d["format"], help=f"default {d['format']}")
     p.add_argument("--method", choices=METHODS, default=d["method"], help=f"default {d['method']}")
-    p.add_argument("--group-size", type=int, default=d["group_size"], help=f"w4a16: 32, 64, 128 or -1 (default {d['group_size']})")
-    p.add_argument("--act-order", action="store_true", default=d["act_order"], help="w4a16: act-order with static groups")
+    p.add_argument("--group-size", type=int, default=d["group_size"], help=f"{'/'.join(names(lambda s: s.grouped))}: {', '.join(map(str, GROUP_SIZES))} "
+                        f"(-1: per channel; default {d['group_size']})")
+    p.add_argument("--act-order", action="store_true", default=d["act_order"], help=f"{'/'.join(names(lambda s: s.act_order))}: act-order with static groups")
     p.add_argument("--num-samples", type=int, default=d["num_samples"], help=f"default {d['num_samples']}")
     p.add_argument("--seqlen", type=int, default=d["seqlen"], help=f"default {d['seqlen']}")
     p.add_argument("--seed", type=int, default=d["seed"], help=f"default {d['seed']}")
@@ -45,7 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="take every input group's Hessian from one pass over the unquantized layer (fewer "
                         "forward passes) instead of true-sequential order inside each layer")
     p.add_argument("--smoothquant", type=float, default=d["smoothquant"], metavar="ALPHA",
-                   help="w8a8: SmoothQuant with this alpha, folded into the preceding norms")
+                   help=f"{'/'.join(names(lambda s: s.act_bits is not None))}: SmoothQuant with this alpha, "
+                        "folded into the preceding norms")
     p.add_argument("--ignore", action="append", default=None, metavar="PATTERN",
                    help=f"HF module-name glob left unquantized (repeatable; default {list(d['ignore'])})")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=SCHEME",

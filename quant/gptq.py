@@ -9,8 +9,9 @@ happen: group scales are computed from the error-updated weights of the group
 stored dtype *before* the integers are computed, so every export format
 dequantizes to bit-identical weights.
 
-Symmetric grids: int4 ``q ∈ [-8, 7]`` with ``scale = 2·amax/15`` (AutoGPTQ's
-sym convention, zero point 8); int8 ``q ∈ [-127, 127]`` with ``scale = amax/127``.
+Grids, scale rules and scale dtypes come from :mod:`quant.schemes`: int4
+``q ∈ [-8, 7]`` with ``scale = 2·amax/15`` (AutoGPTQ's sym convention, zero
+point 8); int8 ``q ∈ [-127, 127]`` with ``scale = amax/127``.
 Dequantized weight: ``W = q · scale``.
 """
 
@@ -23,7 +24,6 @@ import torch
 
 from quant.config import LayerScheme
 
-SCALE_DTYPES = {"w4a16": torch.float16, "w8a8": torch.float32}
 _NUMPY_DTYPES = {torch.float64: "float64", torch.float32: "float32"}
 
 
@@ -36,7 +36,7 @@ class QuantResult:
     """Integers and scales of one linear: ``W[o, i] = q[o, i] * scales[o, g_idx[i]]``."""
 
     q: torch.Tensor  # int8 [out, in]
-    scales: torch.Tensor  # SCALE_DTYPES[scheme] [out, n_groups]
+    scales: torch.Tensor  # scheme.spec.scale_dtype [out, n_groups]
     g_idx: torch.Tensor  # int32 [in]
     scheme: LayerScheme
     loss: float  # GPTQ's sum of (w - q)² / [H⁻¹]ᵢᵢ² / 2, or the same formula for RTN when a Hessian is given
@@ -61,14 +61,14 @@ class QuantResult:
 
 
 def qrange(scheme: LayerScheme) -> tuple[int, int]:
-    return (-8, 7) if scheme.bits == 4 else (-127, 127)
+    return scheme.spec.qmin, scheme.spec.qmax
 
 
 def compute_scales(w: torch.Tensor, scheme: LayerScheme) -> torch.Tensor:
     """Per-row scale of ``w`` ``[out, n]``, already rounded to its stored dtype (returned as float32)."""
     amax = w.abs().amax(dim=1).to(torch.float32)
-    scale = amax * (2.0 / 15.0) if scheme.bits == 4 else amax / 127.0
-    stored = SCALE_DTYPES[scheme.scheme]
+    scale = scheme.spec.scale(amax)
+    stored = scheme.spec.scale_dtype
     info = torch.finfo(stored)
     if bool((scale > info.max).any()):
         raise OverflowError(f"weight magnitude {float(amax.max()):.3g} overflows {stored} scales")
@@ -90,7 +90,7 @@ def default_g_idx(in_features: int, scheme: LayerScheme, device: torch.device | 
 
 
 def check_group_size(in_features: int, scheme: LayerScheme, where: str) -> None:
-    if scheme.scheme == "w4a16" and scheme.group_size != -1 and in_features % scheme.group_size:
+    if scheme.spec.grouped and scheme.group_size != -1 and in_features % scheme.group_size:
         raise ValueError(f"--group-size {scheme.group_size} does not divide the input size {in_features} of {where}")
 
 
@@ -105,7 +105,7 @@ def rtn_quantize(weight: torch.Tensor, scheme: LayerScheme, hessian: torch.Tenso
     scales = compute_scales(wg, scheme)
     q = quantize_to_grid(wg, scales, scheme).reshape(out_f, in_f)
     scales = scales.reshape(out_f, n_groups)
-    result = QuantResult(q.to(torch.int8), scales.to(SCALE_DTYPES[scheme.scheme]), default_g_idx(in_f, scheme, w.device),
+    result = QuantResult(q.to(torch.int8), scales.to(scheme.spec.scale_dtype), default_g_idx(in_f, scheme, w.device),
                          scheme, 0.0)
     if hessian is not None:
         err = w - result.dequantize()
@@ -381,7 +381,7 @@ def gptq_quantize_shared(
             wt[i2:].addmm_(rows[:, i2 - i1:].t(), err1, alpha=-1)
 
     q_all = (qt[torch.argsort(perm)] if act_order else qt).t()
-    scales = scales.t().to(SCALE_DTYPES[scheme.scheme])
+    scales = scales.t().to(scheme.spec.scale_dtype)
     results, start = [], 0
     for n in sizes:
         rows = slice(start, start + n)

@@ -229,7 +229,7 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
         todo = [n for n in group.names if schemes.get(n) is not None]
         if todo:
             smooth = (config.smoothquant is not None and group.norm is not None
-                      and all(schemes[n].scheme == "w8a8" for n in todo) and len(todo) == len(group.names))
+                      and all(schemes[n].spec.act_bits is not None for n in todo) and len(todo) == len(group.names))
             plan.append((group, todo, smooth))
     first = [modules[todo[0][len(prefix) + 1:]] for _, todo, _ in plan]
     # Not true-sequential: every group's statistics from one pass over the unquantized layer.
@@ -301,11 +301,12 @@ def plan_schemes(skeleton: DecoderSkeleton, config: QuantConfig) -> dict[str, La
     for i in range(skeleton.num_layers):
         for name, lin in skeleton.layer_linears(i).items():
             s = config.scheme_for(name)
-            if s is not None and s.scheme == "w4a16" and s.group_size != -1 and lin.in_features % s.group_size:
+            if s is not None and s.spec.grouped and s.group_size != -1 and lin.in_features % s.group_size:
                 flag = "--group-size" if s == config.default_scheme else "--override"
                 raise QuantInputError(f"{flag} {s.group_size} does not divide the input size {lin.in_features} of {name}")
-            if s is not None and s.scheme == "w4a16" and lin.in_features % 8:
-                raise QuantInputError(f"{name}: input size {lin.in_features} is not a multiple of 8 (int4 packing)")
+            if s is not None and lin.in_features % s.spec.pack_factor:
+                raise QuantInputError(f"{name}: input size {lin.in_features} is not a multiple of "
+                                      f"{s.spec.pack_factor} (int{s.bits} packing)")
             schemes[name] = s
     if config.format == "gptq" and any(s is None for s in schemes.values()):
         raise QuantInputError("--format gptq cannot leave decoder-layer linears unquantized (--ignore)")
