@@ -16,9 +16,6 @@ targets of :data:`models.hf_registration.HF_CONFIGS`).
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,26 +25,6 @@ from quant.cli import main as quant_main
 REPO = Path(__file__).resolve().parents[2]
 FIRST_PARTY = ("quant", "models", "eagle", "vllm_plugins")
 FORBIDDEN = ("vllm", "vllm_plugins")
-
-# Run MODULE as __main__ with ARGV after installing a finder that makes BLOCKED unimportable.
-_BLOCKED_RUN = """
-import runpy, sys
-blocked, module, argv = {blocked!r}, {module!r}, {argv!r}
-
-class BlockImports:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in blocked:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)", name=name)
-        return None
-
-sys.meta_path.insert(0, BlockImports())
-sys.argv = [module] + argv
-try:
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
-finally:
-    leaked = sorted(m for m in sys.modules if m.split(".")[0] in blocked)
-    assert not leaked, leaked
-"""
 
 QUANT_ARGS = ["--scheme", "w4a16", "--group-size", "32", "--num-samples", "8", "--seqlen", "32", "--no-progress"]
 
@@ -71,32 +48,22 @@ def reference(source, tmp_path_factory):
     return out
 
 
-def _run_blocked(module: str, argv: list[str], blocked: tuple[str, ...]) -> subprocess.CompletedProcess:
-    code = _BLOCKED_RUN.format(blocked=blocked, module=module, argv=argv)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-
-
 @pytest.mark.parametrize("module,prefix,blocked", [
     ("quant", [], ("vllm", "vllm_plugins")),
     ("vllm_plugins.cli", ["quantize"], ("vllm",)),
 ], ids=["python-m-quant", "vllm-plugins-quantize"])
-def test_quantize_without_vllm(source, reference, tmp_path, assert_same_export, module, prefix, blocked):
+def test_quantize_without_vllm(source, reference, tmp_path, assert_same_export, run_blocked, module, prefix, blocked):
     model, calib = source
     out = tmp_path / "out"
-    proc = _run_blocked(module, [*prefix, "--model", str(model), "--out", str(out), "--calib", str(calib),
+    proc = run_blocked(module, [*prefix, "--model", str(model), "--out", str(out), "--calib", str(calib),
                                  *QUANT_ARGS], blocked)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_export(out, reference)
 
 
-def test_blocker_blocks():
+def test_blocker_blocks(run_blocked):
     """The harness itself: a program that imports vLLM fails under it (else the test above proves nothing)."""
-    code = _BLOCKED_RUN.format(blocked=("vllm",), module="vllm_plugins.registration", argv=[])
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_blocked("vllm_plugins.registration", [], ("vllm",))
     assert proc.returncode != 0 and "blocked by the test" in proc.stderr, proc.stderr[-2000:]
 
 
