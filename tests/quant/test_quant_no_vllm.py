@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 FIRST_PARTY = ("quant", "models", "eagle", "vllm_plugins")
 FORBIDDEN = ("vllm", "vllm_plugins")
 
-QUANT_ARGS = ["--scheme", "w4a16", "--group-size", "32", "--num-samples", "8", "--seqlen", "32", "--no-progress"]
+QUANT_ARGS = ["--scheme", "w4a16", "--group-size", "32", "--num-samples", "8", "--seqlen", "32", "--device", "cpu",
+              "--no-progress"]
 
 
 @pytest.fixture(scope="module")
