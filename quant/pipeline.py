@@ -10,6 +10,8 @@ weights of the earlier groups, and stops at the group's input (with
 group's Hessian, as llm-compressor and GPTQModel calibrate). Finally the
 layer's quantized output becomes the next layer's input, the layer's tensors
 are written to one shard per format, and the layer goes back to ``meta``.
+On a CUDA ``--device`` the layer, its Hessians and GPTQ run on the device and
+the results are offloaded before writing (:mod:`quant.device`).
 """
 
 from __future__ import annotations
