@@ -158,3 +158,16 @@ def test_device_flag_syntax(bad):
 
     with pytest.raises(QuantInputError, match="--device must be one of"):
         QuantConfig(device=bad)
+
+
+def test_activations_stay_on_the_device_while_they_fit(monkeypatch):
+    import quant.device
+
+    cuda = torch.device("cuda", 0)  # a device object only: nothing is allocated
+    monkeypatch.setattr(quant.device, "free_memory", lambda device: 1000)
+    resident = Placement.for_run(cuda, int(1000 * quant.device.ACTIVATION_SHARE))
+    offloaded = Placement.for_run(cuda, int(1000 * quant.device.ACTIVATION_SHARE) + 1)
+    assert resident.activations_on_device and not offloaded.activations_on_device
+    for p in (resident, offloaded):  # the CUDA configuration: H stays on the device, torch.linalg factorizes
+        assert not p.spill_hessian and not p.lapack
+    assert Placement.for_run(CPU, 10**15) == Placement(CPU)  # the CPU path, whatever the size
