@@ -17,7 +17,8 @@ Needs torch, transformers and this repository; no vLLM, no network. It
    peak RSS of this process;
 3. quantizes the first ``--compare-layers`` layers (2) again, on ``--device``
    and on the CPU with the same ``--compare-samples`` samples (fewer than in
-   step 2, to keep the CPU run short), and checks that the relative
+   step 2, to keep the CPU run short; forward passes in ``--compare-dtype``,
+   float32 by default, as CPUs without bfloat16 units are slow in bfloat16), and checks that the relative
    reconstruction error of every linear agrees within ``--tolerance`` (2%)
    between the two. With ``--device cpu`` the first of the two runs takes every
    device branch of the pipeline and the torch.linalg factorization on the CPU.
@@ -81,12 +82,12 @@ def first_layers_view(model: Path, out: Path, n: int) -> Path:
     return out
 
 
-def quantize(model: Path, out: Path, samples, device: str, group_size: int, placement=None):
+def quantize(model: Path, out: Path, samples, device: str, group_size: int, placement=None, calib_dtype="auto"):
     from quant.config import QuantConfig
     from quant.pipeline import quantize_checkpoint
 
     cfg = QuantConfig(scheme="w4a16", group_size=group_size, method="gptq", format="native", device=device,
-                      num_samples=int(samples.shape[0]), seqlen=int(samples.shape[1]))
+                      num_samples=int(samples.shape[0]), seqlen=int(samples.shape[1]), calib_dtype=calib_dtype)
     return quantize_checkpoint(model, out, cfg, samples=samples, force=True, progress=False, placement=placement)
 
 
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--compare-layers", type=int, default=2, help="layers quantized on both the device and the CPU")
     ap.add_argument("--compare-samples", type=int, default=8, help="calibration samples of the device/CPU check")
+    ap.add_argument("--compare-dtype", default="float32", choices=("auto", "float32", "bfloat16"),
+                    help="calibration dtype of the device/CPU check (default float32)")
     ap.add_argument("--tolerance", type=float, default=0.02, help="relative difference allowed between the errors")
     ap.add_argument("--workdir", type=Path, default=None, help="where the model and exports go (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     fixed = report.seconds - sum(layer_s)
     extrapolated = fixed + FULL_DEPTH * per_layer
     rss = peak_rss_mb()
-    print(f"\nW4A16 g{args.group_size} GPTQ on {device}, {args.samples} x {args.seqlen} calibration tokens")
+    print(f"\nW4A16 g{args.group_size} GPTQ on {device}, {args.samples} x {args.seqlen} calibration tokens, "
+          f"forward passes in {str(report.calib_dtype).removeprefix('torch.')}")
     print(f"{'layer':>5}  {'time s':>7}  {'mean rel. err':>13}  {'max rel. err':>12}")
     for s in report.layers:
         print(f"{s.index:>5}  {s.seconds:>7.2f}  {s.mean_error:>13.3e}  {s.max_error:>12.3e}")
@@ -156,11 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     forced = Placement(device, activations_on_device=False, spill_hessian=False, lapack=False) \
         if device.type == "cpu" else None
     t1 = time.perf_counter()
-    dev = quantize(view, workdir / "cmp-device", few, str(device), args.group_size, placement=forced)
+    dev = quantize(view, workdir / "cmp-device", few, str(device), args.group_size, forced, args.compare_dtype)
     t2 = time.perf_counter()
-    cpu = quantize(view, workdir / "cmp-cpu", few, "cpu", args.group_size)
+    cpu = quantize(view, workdir / "cmp-cpu", few, "cpu", args.group_size, None, args.compare_dtype)
     t3 = time.perf_counter()
-    print(f"\n{device} vs cpu on {n} layers, {few.shape[0]} x {args.seqlen} tokens "
+    print(f"\n{device} vs cpu on {n} layers, {few.shape[0]} x {args.seqlen} tokens, {args.compare_dtype} "
           f"({t2 - t1:.1f} s on {device}, {t3 - t2:.1f} s on cpu): relative reconstruction error per linear")
     print(f"{'linear':<40}  {'device':>10}  {'cpu':>10}  {'rel. diff':>9}")
     rows, worst = [], 0.0
