@@ -89,7 +89,8 @@ def quantization_config(fmt: str, config: QuantConfig, schemes: dict[str, LayerS
         return {
             "quant_method": "gptq", "checkpoint_format": default.spec.formats["gptq"], "bits": default.spec.bits,
             "group_size": default.group_size, "desc_act": config.act_order, "static_groups": config.act_order,
-            "sym": default.spec.symmetric, "true_sequential": True, "damp_percent": config.damp_percent, "lm_head": False,
+            "sym": default.spec.symmetric, "true_sequential": True, "damp_percent": config.damp_percent,
+            "lm_head": False,
         }
     if fmt == "compressed-tensors":
         return _compressed_tensors_config(default, schemes, ignored)

@@ -218,7 +218,8 @@ def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absma
 
 def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict,
                    schemes: dict[str, LayerScheme | None], config: QuantConfig,
-                   placement: Placement = Placement(torch.device("cpu"))) -> tuple[dict[str, QuantResult], dict[str, float]]:
+                   placement: Placement = Placement(torch.device("cpu")),
+                   ) -> tuple[dict[str, QuantResult], dict[str, float]]:
     """Quantize the linears of one materialised layer in place (weights become their dequantized values).
 
     ``layer`` and ``kwargs`` are on ``placement.device``; ``hidden`` is where ``placement`` keeps it.

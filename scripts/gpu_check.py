@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     t_generate = time.perf_counter() - t0
     size_gb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
     print(f"model: {model} ({size_gb:.2f} GB bf16, {args.layers} layers, hidden {args.hidden}, intermediate "
-          f"{args.intermediate}, {args.heads}/{args.kv_heads} heads, vocab {args.vocab}; written in {t_generate:.1f} s)")
+          f"{args.intermediate}, {args.heads}/{args.kv_heads} heads, vocab {args.vocab}; "
+          f"written in {t_generate:.1f} s)")
     g = torch.Generator().manual_seed(0)
     samples = torch.randint(0, args.vocab, (args.samples, args.seqlen), generator=g)
 

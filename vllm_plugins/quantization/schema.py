@@ -141,7 +141,8 @@ class NativeQuantConfig:
             try:
                 if layer_scheme in SCHEMES and layer_scheme not in _GROUPED:
                     if any(k in o for k in _GROUPED_ONLY):
-                        raise QuantConfigError(f"{layer_scheme} is per-channel: it takes no group_size and no act_order")
+                        raise QuantConfigError(
+                            f"{layer_scheme} is per-channel: it takes no group_size and no act_order")
                     overrides[name] = LayerScheme(layer_scheme)
                 else:
                     overrides[name] = LayerScheme(
