@@ -5,7 +5,7 @@
   ``--override`` / ``--ignore`` glob matching a module, and the linears vLLM
   fuses (q/k/v, gate/up) quantized alike.
 - :func:`check_scale_range`: weights whose scales do not fit their stored dtype
-  (float16 for W4A16).
+  (float16 for W4A16; :mod:`quant.schemes`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from quant.errors import QuantInputError
 
 # vLLM's packed modules of Llama-style decoders: one fused layer each, one scheme each.
 FUSED_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-# W4A16 scales: amax * 2/15 must fit float16.
-_W4A16_SCALE_PER_AMAX = 2.0 / 15.0
 
 
 def _describe(s: LayerScheme | None) -> str:
@@ -88,16 +86,19 @@ def check_plan(config: QuantConfig, schemes: dict[str, LayerScheme | None], all_
 
 def check_scale_range(linears: dict[str, torch.nn.Linear], schemes: dict[str, LayerScheme | None],
                       reader) -> None:
-    """W4A16 weights whose scale overflows float16 (|w| above about 491,000): one error naming the
-    tensor and its shard (``reader``: the :class:`quant.checkpoint.ShardReader` they came from)."""
-    limit = torch.finfo(torch.float16).max / _W4A16_SCALE_PER_AMAX
+    """Weights whose scale overflows the scheme's stored scale dtype (float16 for W4A16: |w| above
+    about 491,000): one error naming the tensor and its shard (``reader``: the
+    :class:`quant.checkpoint.ShardReader` they came from)."""
     for name, lin in linears.items():
         s = schemes.get(name)
-        if s is None or s.scheme != "w4a16":
+        if s is None:
             continue
-        amax = float(lin.weight.detach().abs().max())
-        if amax > limit:
+        amax = lin.weight.detach().abs().max().to(torch.float32).reshape(1)
+        stored = s.spec.scale_dtype
+        if float(s.spec.scale(amax)[0]) > torch.finfo(stored).max:
             key = f"{name}.weight"
             where = reader.entries[key][0] if key in reader.entries else f"--model {reader.dir}"
-            raise QuantInputError(f"{where}: tensor {key} has values up to {amax:.3g}; W4A16 "
-                                  f"stores float16 scales, which hold weights up to {limit:.3g}")
+            limit = torch.finfo(stored).max * float(amax[0]) / float(s.spec.scale(amax)[0])
+            raise QuantInputError(f"{where}: tensor {key} has values up to {float(amax[0]):.3g}; {s.scheme} "
+                                  f"stores {str(stored).removeprefix('torch.')} scales, which hold weights up to "
+                                  f"{limit:.3g}")

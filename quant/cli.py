@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from quant.config import CALIB_DTYPES, FORMATS, METHODS, SCHEMES, QuantConfig, parse_override
+from quant.config import CALIB_DTYPES, DEVICES, FORMATS, METHODS, SCHEMES, QuantConfig, parse_override
 from quant.errors import CLIError, QuantInputError, run_command
+from quant.schemes import GROUP_SIZES, names
 
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
              for f in dataclasses.fields(QuantConfig)}
@@ -27,8 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scheme", choices=SCHEMES, default=d["scheme"], help=f"default {d['scheme']}")
     p.add_argument("--format", choices=FORMATS, default=d["format"], help=f"default {d['format']}")
     p.add_argument("--method", choices=METHODS, default=d["method"], help=f"default {d['method']}")
-    p.add_argument("--group-size", type=int, default=d["group_size"], help=f"w4a16: 32, 64, 128 or -1 (default {d['group_size']})")
-    p.add_argument("--act-order", action="store_true", default=d["act_order"], help="w4a16: act-order with static groups")
+    p.add_argument("--group-size", type=int, default=d["group_size"], help=f"{'/'.join(names(lambda s: s.grouped))}: {', '.join(map(str, GROUP_SIZES))} "
+                        f"(-1: per channel; default {d['group_size']})")
+    p.add_argument("--act-order", action="store_true", default=d["act_order"], help=f"{'/'.join(names(lambda s: s.act_order))}: act-order with static groups")
     p.add_argument("--num-samples", type=int, default=d["num_samples"], help=f"default {d['num_samples']}")
     p.add_argument("--seqlen", type=int, default=d["seqlen"], help=f"default {d['seqlen']}")
     p.add_argument("--seed", type=int, default=d["seed"], help=f"default {d['seed']}")
@@ -37,12 +39,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=d["calib_dtype"],
                    help="dtype of the calibration forward passes; auto: bfloat16 for a bfloat16 checkpoint, "
                         f"else float32 (default {d['calib_dtype']})")
+    p.add_argument("--device", default=d["device"], metavar="|".join(DEVICES),
+                   help="where layers are calibrated and GPTQ runs; auto: CUDA when available, else the CPU "
+                        f"(default {d['device']})")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    default=d["true_sequential"],
                    help="take every input group's Hessian from one pass over the unquantized layer (fewer "
                         "forward passes) instead of true-sequential order inside each layer")
     p.add_argument("--smoothquant", type=float, default=d["smoothquant"], metavar="ALPHA",
-                   help="w8a8: SmoothQuant with this alpha, folded into the preceding norms")
+                   help=f"{'/'.join(names(lambda s: s.act_bits is not None))}: SmoothQuant with this alpha, "
+                        "folded into the preceding norms")
     p.add_argument("--ignore", action="append", default=None, metavar="PATTERN",
                    help=f"HF module-name glob left unquantized (repeatable; default {list(d['ignore'])})")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=SCHEME",
@@ -59,7 +65,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         scheme=args.scheme, group_size=args.group_size, method=args.method, format=args.format,
         act_order=args.act_order, damp_percent=args.damp_percent, block_size=args.block_size,
         num_samples=args.num_samples, seqlen=args.seqlen, seed=args.seed, smoothquant=args.smoothquant,
-        calib_dtype=args.calib_dtype, true_sequential=args.true_sequential,
+        calib_dtype=args.calib_dtype, true_sequential=args.true_sequential, device=args.device,
         ignore=tuple(args.ignore) if args.ignore is not None else _DEFAULTS["ignore"], overrides=overrides,
     )
 

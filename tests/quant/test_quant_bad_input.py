@@ -91,6 +91,15 @@ def test_unsupported_architecture(capsys, source, tmp_path, calib, change):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("device,expect", [
+    ("tpu", "--device must be one of auto, cpu, cuda, cuda:N; got 'tpu'"),
+    ("cuda:99", "--device cuda:99: "),  # no CUDA here, or fewer than 100 devices
+])
+def test_bad_device(capsys, tiny_llama, tmp_path, calib, device, expect):
+    _run_fails(capsys, tiny_llama(), tmp_path / "out", calib, "--device", device, expect=expect)
+    assert not (tmp_path / "out").exists()
+
+
 def _edit_tensor(source: Path, name: str, edit) -> Path:
     shard = source / "model.safetensors"
     tensors = load_file(shard)

@@ -71,9 +71,7 @@ def _sorted_groups(g_idx: torch.Tensor, group_size: int):
 
 @register_weight_loader_v2_supported_method
 class W4A16LinearMethod(KernelLinearMethod):
-    def __init__(self, quant_config, scheme: LayerScheme, prefix: str) -> None:
-        super().__init__(quant_config, prefix)
-        self.scheme = scheme
+    scheme: LayerScheme
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
                        output_size, params_dtype, **extra_weight_attrs) -> None:
