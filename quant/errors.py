@@ -38,7 +38,8 @@ def run_command(prog: str, func, args) -> int:
             return 2
         except (KeyboardInterrupt, Interrupted) as exc:
             signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-            print(f"{prog}: interrupted by {signal.Signals(signum).name}; no partial output was left behind", file=sys.stderr)
+            name = signal.Signals(signum).name
+            print(f"{prog}: interrupted by {name}; no partial output was left behind", file=sys.stderr)
             return 128 + signum
 
 
