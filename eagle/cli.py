@@ -25,6 +25,7 @@ _HELP = {
     "natural_text": "also train on --data itself (default: only on sequences the target writes)",
     "self_distill_sequences": "sequences the target writes itself (greedy) for training",
     "target_temperature": "softmax temperature of the target's labels (<1 sharpens towards greedy)",
+    "threads": "torch threads of training (default 1: a shared or loaded machine stays fast)",
 }
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eagle.checks import DrafterError, check_aux_layer_ids, check_vocab
+from eagle.checks import DrafterError, check_aux_layer_ids, check_finite, check_target_checkpoint, check_vocab
 from eagle.features import decoder_stack, default_aux_layer_ids, target_features
 from eagle.layouts import LAYOUTS, write_drafter
 from eagle.torch_drafter import TorchEagle3Drafter
-from quant.outdir import staged_output_dir
+from quant.outdir import is_taken, staged_output_dir
 
 
 @dataclass
@@ -55,25 +55,34 @@ class TrainDrafterConfig:
     input_embeds_norm: bool = False
     fused_hidden_norm: bool = False
     seed: int = 0
+    # torch threads of training: 1 by default, as training's small matmuls gain little from more
+    # and slow down up to 40x when another process shares the cores (issue 15).
+    threads: int = 1
     progress: bool = True
 
     def validate(self) -> None:
         """Raise :class:`DrafterError` naming the option at fault."""
         if not (self.target / "config.json").is_file():
             raise DrafterError(f"--target {self.target}: no config.json")
+        check_target_checkpoint(self.target)
         if not self.data.is_file():
             raise DrafterError(f"--data {self.data}: no such file")
-        if self.out.exists() and any(self.out.iterdir()):
+        if is_taken(self.out):
             raise DrafterError(f"--out {self.out}: exists and is not empty")
         if self.layout not in LAYOUTS:
             raise DrafterError(f"--layout {self.layout!r}: expected one of {LAYOUTS}")
         for flag, value, low in (
             ("--ttt-steps", self.ttt_steps, 1), ("--seq-len", self.seq_len, 8),
             ("--batch-size", self.batch_size, 1), ("--steps", self.steps, 1),
-            ("--head-dim", self.head_dim, 8),
+            ("--head-dim", self.head_dim, 8), ("--threads", self.threads, 1),
         ):
             if value < low:
                 raise DrafterError(f"{flag} {value}: must be at least {low}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise DrafterError(f"--draft-vocab-size {self.draft_vocab_size}: must be at least 1")
+        if not 0 < self.target_temperature < math.inf:
+            raise DrafterError(f"--target-temperature {self.target_temperature}: must be positive "
+                               "(the target's labels are softmax(logits / temperature))")
         if not 0 < self.loss_decay <= 1:
             raise DrafterError(f"--loss-decay {self.loss_decay}: must be in (0, 1]")
         if not 0 < self.holdout_fraction < 1:
@@ -87,7 +96,10 @@ def text_config(config) -> object:
 def split_text(path: Path, holdout_fraction: float, max_chars: int | None = None):
     """Blank-line separated passages: ``(train, held_out)``, the held-out
     part being the tail of the file."""
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    try:
+        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as exc:
+        raise DrafterError(f"--data {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     if max_chars:
         text = text[:max_chars]
     passages = [p.strip() for p in text.split("\n\n") if p.strip()]
@@ -241,10 +253,12 @@ def load_target(path: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(path)
-    if getattr(config, "vision_config", None) is not None:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    model, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise DrafterError(f"--target {path}: the checkpoint has no weights for {len(missing)} of the model's "
+                           f"tensors (e.g. {missing[0]}); a drafter needs the float target")
     return model.eval().requires_grad_(False)
 
 
@@ -254,6 +268,11 @@ def train_drafter(cfg: TrainDrafterConfig) -> Path:
     from transformers import AutoTokenizer
 
     cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    if not cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars
     torch.manual_seed(cfg.seed)
     target = load_target(cfg.target)
     tc = text_config(target.config)
@@ -262,8 +281,9 @@ def train_drafter(cfg: TrainDrafterConfig) -> Path:
     check_aux_layer_ids(aux_ids, len(layers), "--aux-layer-ids")
     if len(aux_ids) != 3:
         raise DrafterError(f"--aux-layer-ids {list(aux_ids)}: EAGLE-3 fuses exactly 3 layers")
-    dvs = cfg.draft_vocab_size or min(tc.vocab_size, 1024)
+    dvs = cfg.draft_vocab_size if cfg.draft_vocab_size is not None else min(tc.vocab_size, 1024)
     check_vocab(dvs, tc.vocab_size, "--draft-vocab-size")
+    dcfg = drafter_config(cfg, target.config, aux_ids, dvs)  # checks --head-dim before any work
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.target)
     train_passages, _ = split_text(cfg.data, cfg.holdout_fraction, cfg.max_text_chars)
@@ -278,7 +298,6 @@ def train_drafter(cfg: TrainDrafterConfig) -> Path:
         n_chunks = chunks.shape[0]
     ids, _, _ = draft_vocab(tokens, tc.vocab_size, dvs)
 
-    dcfg = drafter_config(cfg, target.config, aux_ids, dvs)
     drafter = init_drafter(dcfg, target, ids, len(aux_ids))
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -312,6 +331,7 @@ def train_drafter(cfg: TrainDrafterConfig) -> Path:
 def export(drafter: TorchEagle3Drafter, dcfg: dict, cfg: TrainDrafterConfig, tokenizer) -> Path:
     """Write atomically: a temporary sibling directory renamed into place."""
     state = {k: v.detach().clone() for k, v in drafter.state_dict().items()}
+    check_finite(state, f"training diverged; nothing was written to --out {cfg.out}")
     with staged_output_dir(cfg.out) as tmp:
         write_drafter(tmp, state, dcfg, cfg.layout, verifier=str(cfg.target),
                       speculative_tokens=cfg.ttt_steps)

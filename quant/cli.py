@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 
 from quant.config import CALIB_DTYPES, DEVICES, FORMATS, METHODS, SCHEMES, QuantConfig, parse_override
-from quant.errors import CLIError, QuantInputError
+from quant.errors import CLIError, QuantInputError, run_command
 from quant.schemes import GROUP_SIZES, names
 
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
         report = quantize_checkpoint(args.model, args.out, config, args.calib, force=args.force,
                                      progress=not args.no_progress)
-    except (QuantInputError, HessianError) as exc:
+    except (QuantInputError, HessianError, OverflowError) as exc:  # OverflowError: a scale past its dtype
         raise CLIError(str(exc)) from None
     print(report.summary())
     return 0
@@ -94,8 +94,4 @@ def main(argv: list[str] | None = None) -> int:
     quantize = add_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
     args = quantize.parse_args(argv[1:] if argv[:1] == ["quantize"] else argv)
-    try:
-        return int(run(args) or 0)
-    except CLIError as exc:
-        print(f"python -m quant: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("python -m quant", run, args)

@@ -86,15 +86,29 @@ def quantization_config(fmt: str, config: QuantConfig, schemes: dict[str, LayerS
     if fmt == "gptq":
         if any(s is not None and s != default for s in schemes.values()) or any(s is None for s in schemes.values()):
             raise ValueError("the gptq format needs one scheme for every decoder-layer linear")
+        # desc_act stays false with --act-order: GPTQ ran in activation order, but with static groups
+        # the stored g_idx is the natural arange // group_size, which is what desc_act false means
+        # to loaders (vLLM 0.32 refuses desc_act true).
         return {
             "quant_method": "gptq", "checkpoint_format": default.spec.formats["gptq"], "bits": default.spec.bits,
-            "group_size": default.group_size, "desc_act": config.act_order, "static_groups": config.act_order,
+            "group_size": default.group_size, "desc_act": False, "static_groups": config.act_order,
             "sym": default.spec.symmetric, "true_sequential": True, "damp_percent": config.damp_percent,
             "lm_head": False,
         }
     if fmt == "compressed-tensors":
         return _compressed_tensors_config(default, schemes, ignored)
     raise ValueError(f"unknown format {fmt}")
+
+
+def write_format_files(fmt: str, out_dir, qc: dict) -> None:
+    """Files a format's own loaders read besides ``config.json``: for ``gptq``, AutoGPTQ's
+    ``quantize_config.json`` (it reads that file, not ``config.json``), as GPTQModel writes it."""
+    import json
+    from pathlib import Path
+
+    if fmt == "gptq":
+        content = {**qc, "model_name_or_path": None, "model_file_base_name": None}
+        (Path(out_dir) / "quantize_config.json").write_text(json.dumps(content, indent=2) + "\n")
 
 
 def _ct_scheme(s: LayerScheme, targets: list[str]):

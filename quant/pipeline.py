@@ -30,12 +30,13 @@ from torch import nn
 from tqdm import tqdm
 
 from quant.calib import calibration_samples, load_tokenizer
+from quant.checks import check_plan, check_scale_range
 from quant.checkpoint import (ShardReader, ShardWriter, StoredTensor, atomic_output_dir, check_output_dir,
                               copy_side_files)
 from quant.config import LayerScheme, QuantConfig
 from quant.device import Placement, peak_device_memory_mb, resolve_device
 from quant.errors import QuantInputError
-from quant.export import linear_tensors, quantization_config
+from quant.export import linear_tensors, quantization_config, write_format_files
 from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize_shared, layer_output_error,
                         prepare_hessian, rtn_quantize, smoothquant_scales)
 from quant.model import DecoderSkeleton, calibration_dtype, run_layer
@@ -313,6 +314,8 @@ def plan_schemes(skeleton: DecoderSkeleton, config: QuantConfig) -> dict[str, La
             schemes[name] = s
     if config.format == "gptq" and any(s is None for s in schemes.values()):
         raise QuantInputError("--format gptq cannot leave decoder-layer linears unquantized (--ignore)")
+    check_plan(config, schemes, [*schemes, *skeleton.non_layer_linears()],
+               getattr(skeleton.config.get_text_config(), "max_position_embeddings", None))
     return schemes
 
 
@@ -360,6 +363,7 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
             for i in bar:
                 t_layer = time.perf_counter()
                 layer = placement.onload(skeleton.load_layer(i))
+                check_scale_range(skeleton.layer_linears(i), schemes, reader)
                 kwargs = placement.onload(layer_kwargs[i])
                 results, errors = quantize_layer(layer, skeleton.layer_name(i), hidden, kwargs, schemes, config,
                                                  placement)
@@ -383,6 +387,7 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
             cfg["quantization_config"] = quantization_config(fmt, config, schemes, non_layer_linears)
             (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             copy_side_files(model_dir, d)
+            write_format_files(fmt, d, cfg["quantization_config"])
     return QuantReport(stats, time.perf_counter() - t0, peak_rss_mb(), outputs, int(samples.shape[0]), skeleton.dtype,
                        str(device), peak_device_memory_mb(device))
 

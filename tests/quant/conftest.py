@@ -1,9 +1,10 @@
-"""Fixtures of the quant tests."""
+"""Fixtures of the quant tests: a writable tiny Llama, calibration text, runs with packages blocked."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,20 @@ def run_blocked():
                               timeout=timeout)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    from models.tiny import synthetic_corpus
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n\n".join(synthetic_corpus(60)))
+    return path
+
+
+@pytest.fixture
+def source(tiny_llama, tmp_path) -> Path:
+    """A private, writable copy of a tiny Llama (tests break it on purpose)."""
+    dst = tmp_path / "src"
+    shutil.copytree(tiny_llama(), dst)
+    return dst

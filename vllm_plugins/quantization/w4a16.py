@@ -123,7 +123,7 @@ class W4A16LinearMethod(KernelLinearMethod):
         try:
             kernel_type = choose_mp_linear_kernel(config)
         except ValueError as exc:
-            return " ".join(str(exc).split())[:300]
+            return " ".join(str(exc).split())  # whole: the reason of every kernel, never cut mid-word
         if kernel_type.__name__ in ("CPUWNA16LinearKernel", "TorchInt4CPULinearKernel"):
             # On CPU this method prefers the plugin's int4 kernels: they decode
             # faster than CPUWNA16 at batch 1 and 16 (scripts/bench_decode.py),
