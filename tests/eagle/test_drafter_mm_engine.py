@@ -31,15 +31,13 @@ def _engine_report(target: str, draft: str, image: str) -> dict:
     from vllm_plugins import register
 
     register()
-    seen: dict[str, list] = {"image": [], "draft_ids": [], "draft_embeds": []}
+    seen: dict[str, list] = {"image": [], "draft_embeds": []}
 
     def install(worker):
         runner = worker.model_runner
         target_model, drafter = runner.model, runner.drafter.model
         target_model.multi_modal_projector.register_forward_hook(
             lambda _m, _a, out: seen["image"].append(out.detach().clone()))
-        drafter.model.register_forward_pre_hook(
-            lambda _m, args: seen["draft_ids"].append(args[0].detach().clone()))
         drafter.model.layers[0].register_forward_pre_hook(
             lambda _m, _a, kw: seen["draft_embeds"].append(kw["embeds"].detach().clone()),
             with_kwargs=True)
@@ -51,24 +49,26 @@ def _engine_report(target: str, draft: str, image: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(target)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "<image>\nTell me a story."}],
                                            add_generation_prompt=True, tokenize=False)
-    llm.generate({"prompt": prompt, "multi_modal_data": {"image": Image.open(image).convert("RGB")}},
-                 SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": Image.open(image).convert("RGB")}},
+                       SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
     image_token = json.loads((Path(target) / "config.json").read_text())["image_token_index"]
-    image_embeds = torch.cat(seen["image"])
-    ids = torch.cat(seen["draft_ids"])
-    embeds = torch.cat(seen["draft_embeds"])
-    at_image = embeds[ids == image_token]
-    embed_table = llm.collective_rpc(lambda w: w.model_runner.drafter.model.model.embed_tokens.weight
-                                     .detach().clone())[0]
-    text = embeds[ids != image_token]
+    embed_table = llm.collective_rpc(
+        lambda w: w.model_runner.drafter.model.model.embed_tokens.weight.detach().clone())[0]
+    image_embeds = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen["image"]])
+    # The drafter's prefill: row k reads prompt token k + 1 (the last row the
+    # first sampled token).
+    ids = torch.tensor(out.prompt_token_ids[1:])
+    prefill = seen["draft_embeds"][0][: ids.numel()]
+    at_image, text = prefill[ids == image_token], prefill[ids != image_token]
     return {
         "drafter_class": drafter_class,
         "image_rows": int(image_embeds.shape[0]),
         "draft_image_rows": int(at_image.shape[0]),
-        "max_abs_diff": float((at_image - image_embeds).abs().max()) if at_image.shape == image_embeds.shape
-        else None,
+        "max_abs_diff": float((at_image - image_embeds).abs().max())
+        if at_image.shape == image_embeds.shape else None,
         "placeholder_vs_image": float((embed_table[image_token] - image_embeds).abs().max()),
         "text_max_abs_diff": float((text - embed_table[ids[ids != image_token]]).abs().max()),
+        "draft_calls": len(seen["draft_embeds"]),
     }
 
 
@@ -88,6 +88,7 @@ def report(vlm_target, vlm_drafter, tmp_path_factory):
 
 def test_engine_runs_the_multimodal_drafter(report):
     assert report["drafter_class"] == "Eagle3MultimodalLlamaForCausalLM"
+    assert report["draft_calls"] > 1  # prefill and draft steps ran
 
 
 def test_drafter_reads_the_targets_image_embeddings(report):
