@@ -125,7 +125,8 @@ class VLMInputs:
                 pixel_values=pixels["pixel_values"],
                 vision_feature_layer=self.config.vision_feature_layer,
                 vision_feature_select_strategy=self.config.vision_feature_select_strategy)
-        return torch.cat(list(out.pooler_output)).reshape(-1, self.target.config.get_text_config().hidden_size)
+        hidden = self.config.get_text_config().hidden_size
+        return torch.cat(list(out.pooler_output)).reshape(-1, hidden)
 
     def positions(self, batch: Batch) -> torch.Tensor:
         """``[B, T]``, or ``[3, B, T]`` M-RoPE positions for Qwen2.5-VL

@@ -75,9 +75,10 @@ def stock_llava(tmp_path_factory) -> Path:
     text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
                        num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=256,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=28, patch_size=14, projection_dim=32)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32)
+    cfg = LlavaConfig(vision_config=vision, text_config=text,
+                      image_token_index=tok.convert_tokens_to_ids("<image>"),
                       vision_feature_select_strategy="full", vision_feature_layer=-2)
     torch.manual_seed(0)
     LlavaForConditionalGeneration(cfg).save_pretrained(out)
@@ -113,7 +114,8 @@ def qwen_vl(tmp_path_factory) -> Path:
 BAD_ROWS = {
     "missing_image": (_conv("img/9.png"), r"line 3: image .*9\.png not found"),
     "unreadable_image": (_conv("broken.png"), r"line 3: cannot read image .*broken\.png"),
-    "no_image_tag": (_conv("img/0.png", human="What is it?"), r"line 3: the human turn must hold exactly one <image> tag"),
+    "no_image_tag": (_conv("img/0.png", human="What is it?"),
+                     r"line 3: the human turn must hold exactly one <image> tag"),
     "no_response": (_conv("img/0.png", answer=None), r"line 3: the conversation has no response"),
 }
 
@@ -173,8 +175,7 @@ def test_image_token_in_text_is_masked_not_a_crash(random_vlm, tmp_path):
 def _features_case(path: Path, root: Path, sizes):
     from transformers import AutoTokenizer
 
-    from eagle.features import target_features
-    from eagle.vlm_inputs import VLMInputs, build_examples, collate
+    from eagle.vlm_inputs import VLMInputs, build_examples
 
     target, tok = load_target(path), AutoTokenizer.from_pretrained(path)
     vlm = VLMInputs(target, path)
@@ -206,7 +207,8 @@ def test_training_features_are_the_hf_forward(which, request, tmp_path):
     if which == "stock_llava":
         assert rows[0].n_image == 5  # (28 / 14) ** 2 patches + CLS
     if which == "qwen_vl":
-        assert [r.n_image for r in rows] == [6, 4]  # 90x40 -> 84x56 (smart_resize) -> 3x2 merged; 56x56 -> 2x2
+        # 90x40 -> 84x56 (smart_resize) -> 3x2 merged; 56x56 -> 2x2
+        assert [r.n_image for r in rows] == [6, 4]
 
 
 def test_qwen_mrope_positions_follow_the_definition(qwen_vl, tmp_path):
@@ -242,7 +244,8 @@ def test_embeds_and_placeholder_see_the_same_batches(random_vlm, tmp_path):
     target, tok = load_target(random_vlm), AutoTokenizer.from_pretrained(random_vlm)
     draws = {}
     for mode in ("embeds", "placeholder"):
-        cfg = TrainDrafterConfig(target=random_vlm, data=data, out=tmp_path / mode, image_inputs=mode, **QUICK)
+        cfg = TrainDrafterConfig(target=random_vlm, data=data, out=tmp_path / mode, image_inputs=mode,
+                                 **QUICK)
         _, draw = image_batches(target, tok, cfg, torch.device("cpu"))
         draws[mode] = draw((0, 1, 2), torch.Generator().manual_seed(0))
     (fe, pe, me), (fp, pp, mp) = draws["embeds"], draws["placeholder"]
