@@ -273,3 +273,32 @@ def test_vlm_targets_train_and_export(which, mode, request, tmp_path):
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     if which == "qwen_vl":
         assert flat["rope_parameters"]["mrope_section"] == [4, 6, 6]
+
+
+def test_llava15_geometry_puts_text_on_top_of_576_placeholders(tmp_path):
+    """LLaVA-1.5's vision geometry (336 px, patch 14, ``default`` strategy):
+    576 placeholders per image, and ``--seq-len`` counts the text only."""
+    from PIL import Image
+    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+
+    from eagle.vlm_inputs import VLMInputs, build_examples
+
+    tok = _tokenizer_with(tmp_path, ["<image>"])
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1,
+                       num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=1024)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=1, image_size=336, patch_size=14, projection_dim=16)
+    cfg = LlavaConfig(vision_config=vision, text_config=text,
+                      image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_select_strategy="default", vision_feature_layer=-2)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    data = _write_jsonl(tmp_path / "data", [_conv("img/0.png", answer="A box. " * 40)], sizes=[(500, 375)])
+    vlm = VLMInputs(model, tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    (row,) = build_examples(vlm, tok, read_conversations(data), data, seq_len=64, distill=0,
+                            natural_text=True)
+    assert row.n_image == 576 and row.ids[row.start: row.start + 576] == [cfg.image_token_index] * 576
+    assert len(row.text_ids()) == 64 and len(row.ids) == 576 + 64
+    pixels, n = vlm.pixels(Image.open(data.parent / "img" / "0.png").convert("RGB"))
+    assert n == 576 and pixels["pixel_values"].shape == (1, 3, 336, 336)  # resized, center-cropped
