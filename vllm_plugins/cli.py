@@ -18,6 +18,7 @@ from quant.errors import CLIError  # noqa: F401  (re-exported: the shared user-e
 SUBCOMMAND_MODULES: list[str] = [
     "models.convert",
     "models.demo",
+    "models.vlm_demo",
     "quant.cli",
     "vllm_plugins.evaluation.cli",
     "eagle.cli",

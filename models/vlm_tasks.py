@@ -1,0 +1,150 @@
+"""Procedural images and image-dependent questions for the tiny VLM demo.
+
+Every image is a ``grid`` x ``grid`` board of square cells, one cell per
+vision patch of the target (:mod:`models.vlm_demo`), rendered with numpy.
+Four task families, each answered by a fixed template whose content words
+can only come from the image:
+
+- ``global``: which shapes are there (colour and kind, in reading order);
+- ``grid``: read out the colour of every cell, row by row (local content,
+  the longest answer);
+- ``count``: how many shapes, and how many of each kind;
+- ``position``: the row and column of a named shape.
+
+No torch and no vLLM here: numpy and the standard library only (PIL only
+to write PNGs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 215, 40),
+    "white": (235, 235, 235),
+    "purple": (150, 60, 200),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+FAMILIES: tuple[str, ...] = ("global", "grid", "count", "position")
+QUESTIONS: dict[str, str] = {
+    "global": "Which shapes are there?",
+    "grid": "Read the colours of the grid.",
+    "count": "How many shapes are there?",
+    "position": "Where is the {colour} {shape}?",
+}
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: np.ndarray  # (H, W, 3) uint8
+    question: str
+    answer: str
+    task: str
+
+
+def _shape_masks(cell: int) -> dict[str, np.ndarray]:
+    """Boolean ``cell`` x ``cell`` masks of each shape, one pixel of margin."""
+    yy, xx = np.mgrid[0:cell, 0:cell] + 0.5
+    c, r = cell / 2, cell / 2 - 1
+    circle = (yy - c) ** 2 + (xx - c) ** 2 <= r * r
+    square = (yy >= 1.5) & (yy <= cell - 1.5) & (xx >= 1.5) & (xx <= cell - 1.5)
+    # Apex at the top centre, base on the bottom margin.
+    height = (yy - 1) / (cell - 2)
+    triangle = (yy >= 1) & (yy <= cell - 1) & (np.abs(xx - c) <= height * (cell / 2 - 1))
+    return {"circle": circle, "square": square, "triangle": triangle}
+
+
+def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int]) -> np.ndarray:
+    return np.clip(np.asarray(rgb) + rng.integers(-20, 21, 3), 0, 255)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    return rng.integers(0, 25, (size, size, 3)).astype(np.uint8)
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{NUMBER_WORDS[n]} {noun}" + ("" if n == 1 else "s")
+
+
+def _scene(rng: np.random.Generator, grid: int, cell: int, low: int, high: int):
+    """A board with ``low..high`` shapes in distinct random cells; returns
+    the image and the objects ``(row, col, colour, shape)`` in reading order."""
+    colours = list(COLOURS)
+    n = int(rng.integers(low, high + 1))
+    cells = sorted(rng.choice(grid * grid, size=n, replace=False).tolist())
+    image = _background(rng, grid * cell)
+    masks = _shape_masks(cell)
+    objects = []
+    for idx in cells:
+        row, col = divmod(idx, grid)
+        colour, shape = colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))]
+        patch = image[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell]
+        patch[masks[shape]] = _jitter(rng, COLOURS[colour])
+        objects.append((row, col, colour, shape))
+    return image, objects
+
+
+def make_sample(rng: np.random.Generator, task: str, grid: int = 4, cell: int = 8,
+                max_shapes: int = 5) -> Sample:
+    """One image with its question and answer for ``task`` (a family)."""
+    colours = list(COLOURS)
+    if task == "grid":
+        cells = rng.integers(len(colours), size=(grid, grid))
+        image = np.zeros((grid * cell, grid * cell, 3), dtype=np.uint8)
+        for r in range(grid):
+            for c in range(grid):
+                image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = _jitter(rng, COLOURS[colours[cells[r, c]]])
+        answer = ", ".join(" ".join(colours[i] for i in row) for row in cells)
+        return Sample(image, QUESTIONS[task], answer + ".", task)
+    if task == "global":
+        image, objects = _scene(rng, grid, cell, 1, max_shapes)
+        answer = _join([f"a {colour} {shape}" for _, _, colour, shape in objects])
+        return Sample(image, QUESTIONS[task], f"There is {answer}." if len(objects) == 1
+                      else f"There are {answer}.", task)
+    if task == "count":
+        image, objects = _scene(rng, grid, cell, 1, max_shapes)
+        kinds = [_plural(sum(o[3] == s for o in objects), s) for s in SHAPES]
+        return Sample(image, QUESTIONS[task], f"{_plural(len(objects), 'shape')}: {_join(kinds)}.", task)
+    if task == "position":
+        while True:
+            image, objects = _scene(rng, grid, cell, 2, max_shapes)
+            unique = [o for o in objects if sum(p[2:] == o[2:] for p in objects) == 1]
+            if unique:
+                break
+        row, col, colour, shape = unique[rng.integers(len(unique))]
+        question = QUESTIONS[task].format(colour=colour, shape=shape)
+        return Sample(image, question, f"The {colour} {shape} is in row {NUMBER_WORDS[row + 1]}, "
+                      f"column {NUMBER_WORDS[col + 1]}.", task)
+    raise ValueError(f"unknown task family {task!r}; expected one of {FAMILIES}")
+
+
+def make_samples(n: int, seed: int, families: tuple[str, ...] = FAMILIES, **kwargs) -> list[Sample]:
+    """``n`` samples cycling through ``families``; deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    return [make_sample(rng, families[i % len(families)], **kwargs) for i in range(n)]
+
+
+def vocabulary_text() -> list[str]:
+    """Every word the questions and answers use (tokenizer training text)."""
+    words = list(COLOURS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(NUMBER_WORDS)
+    lines = list(QUESTIONS.values()) + [" ".join(words)]
+    lines += [f"There are a {c} {s}, a {c} {s} and a {c} {s}." for c in COLOURS for s in SHAPES]
+    lines += [f"The {c} {s} is in row {n}, column {n}." for c in COLOURS for s in SHAPES for n in NUMBER_WORDS]
+    lines += [f"{n} shapes: {n} circles, {n} squares and {n} triangles." for n in NUMBER_WORDS]
+    return lines
+
+
+def write_png(image: np.ndarray, path) -> None:
+    from PIL import Image
+
+    Image.fromarray(image, "RGB").save(path, format="PNG")
