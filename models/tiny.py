@@ -33,7 +33,10 @@ def synthetic_corpus(num_stories: int = 400, seed: int = 0) -> list[str]:
         sentences = [f"Once upon a time, {a} went to the {rng.choice(_PLACES)}."]
         first = None
         for _ in range(rng.randint(3, 7)):
-            adj, thing = rng.choice(_ADJ), rng.choice(_THINGS)
+            # The first adjective appears once before the end, so the last
+            # word is determined by the story (an induction-head copy).
+            adj = rng.choice([x for x in _ADJ if first is None or x != first[0]])
+            thing = rng.choice(_THINGS)
             first = first or (adj, thing)
             sentences.append(
                 f"{rng.choice([a, b])} {rng.choice(_VERBS)} a {adj} {thing} in the {rng.choice(_PLACES)}."
@@ -45,8 +48,9 @@ def synthetic_corpus(num_stories: int = 400, seed: int = 0) -> list[str]:
     return stories
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
-    """Train a byte-level BPE on :func:`synthetic_corpus` and save it.
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0,
+                    texts: list[str] | None = None):
+    """Train a byte-level BPE on ``texts`` (default :func:`synthetic_corpus`) and save it.
 
     Writes ``tokenizer.json``, ``tokenizer_config.json`` (with a chat template)
     and ``special_tokens_map.json``; returns the transformers tokenizer.
@@ -64,7 +68,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(synthetic_corpus(seed=seed), trainer=trainer)
+    tok.train_from_iterator(synthetic_corpus(seed=seed) if texts is None else texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
