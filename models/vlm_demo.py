@@ -152,13 +152,14 @@ def write_jsonl(out: Path, name: str, samples) -> Path:
 
 def build_demo_vlm(out_dir: str | Path, cfg: VlmDemoConfig = VlmDemoConfig(), progress: bool = True) -> dict:
     """Build, train and save the VLM and its datasets atomically into
-    ``out_dir``; returns the held-out exact-match rates."""
+    ``out_dir``; returns :func:`models.vlm_train.evaluate` on the held-out
+    samples (greedy exact match per family, answer loss)."""
     import torch
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     from models.tiny_vlm import build_tiny_llava
     from models.vlm_tasks import vocabulary_text
-    from models.vlm_train import exact_match
+    from models.vlm_train import evaluate
     from quant.outdir import staged_output_dir
 
     out = Path(out_dir)
@@ -178,14 +179,15 @@ def build_demo_vlm(out_dir: str | Path, cfg: VlmDemoConfig = VlmDemoConfig(), pr
         encoder = _encoder(tmp, tokenizer, model.config)
         train_vlm(model, encoder, cfg, progress)
         heldout = cfg.samples(cfg.heldout_records, cfg.seed + HELDOUT_STREAM)
-        accuracy = exact_match(model, encoder, heldout)
+        result = evaluate(model, encoder, heldout)
         model.save_pretrained(tmp, safe_serialization=True)
         _keep_vllm_architecture(tmp)
         write_jsonl(tmp, "train", cfg.samples(cfg.train_records, cfg.seed + DRAFTER_STREAM))
         write_jsonl(tmp, "heldout", heldout)
         (tmp / "vlm_demo.json").write_text(json.dumps(
-            {"config": dataclasses.asdict(cfg), "heldout_exact_match": accuracy}, indent=2) + "\n")
-    return accuracy
+            {"config": dataclasses.asdict(cfg), "heldout_exact_match": result["exact_match"],
+             "heldout_loss": result["loss"]}, indent=2) + "\n")
+    return result
 
 
 def _keep_vllm_architecture(path: Path) -> None:
@@ -234,8 +236,9 @@ def _run(args) -> int:
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
     start = time.monotonic()
-    accuracy = build_demo_vlm(args.out, cfg)
-    print(format_accuracy(accuracy))
+    result = build_demo_vlm(args.out, cfg)
+    print(format_accuracy(result["exact_match"]))
     print(f"demo VLM written to {args.out} in {time.monotonic() - start:.0f}s; "
-          f"held-out exact match {accuracy['overall']:.1%}")
+          f"held-out greedy exact match {result['exact_match']['overall']:.1%} "
+          f"({cfg.heldout_records} images)")
     return 0

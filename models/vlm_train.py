@@ -97,18 +97,21 @@ def batch_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def exact_match(model, encoder: Encoder, samples: Sequence[Sample], batch_size: int = 64) -> dict[str, float]:
-    """Greedy exact-match rate per task family and overall.
+def evaluate(model, encoder: Encoder, samples: Sequence[Sample], batch_size: int = 64) -> dict:
+    """``{"exact_match": {family: rate, ..., "overall": rate}, "loss": mean}``.
 
-    Greedy decoding reproduces the answer (and its EOS) exactly iff every
+    Greedy decoding reproduces an answer (and its EOS) exactly iff every
     answer token is the argmax given the correct previous tokens, so one
-    teacher-forced forward decides it."""
+    teacher-forced forward decides it; ``loss`` is the mean over batches of
+    the answer-token cross-entropy."""
     hits: dict[str, list[bool]] = {}
+    losses = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        _, ok = batch_loss(model, encoder.batch(chunk))
+        loss, ok = batch_loss(model, encoder.batch(chunk))
+        losses.append(loss.item())
         for s, good in zip(chunk, ok.tolist()):
             hits.setdefault(s.task, []).append(good)
-    out = {task: sum(v) / len(v) for task, v in sorted(hits.items())}
-    out["overall"] = sum(sum(v) for v in hits.values()) / max(1, len(samples))
-    return out
+    rates = {task: sum(v) / len(v) for task, v in sorted(hits.items())}
+    rates["overall"] = sum(sum(v) for v in hits.values()) / max(1, len(samples))
+    return {"exact_match": rates, "loss": sum(losses) / max(1, len(losses))}
