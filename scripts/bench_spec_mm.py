@@ -156,7 +156,7 @@ def report(results: dict, k: int) -> str:
     fams = sorted(results["target"]["families"])
     lines = ["| run | drafter class | " + " | ".join(fams) + " | mean over families | overall | "
              + " | ".join(f"accepted at pos {i}" for i in range(k)) + " | tok/s |",
-             "|---" * (6 + len(fams) + k) + "|"]
+             "|---" * (5 + len(fams) + k) + "|"]
     means = {}
     for name, r in results.items():
         specs = [r["families"][f]["spec"] for f in fams]
