@@ -9,7 +9,7 @@ can only come from the image:
 - ``grid``: read out the colour of every cell, row by row (local content,
   the longest answer);
 - ``count``: how many shapes, and how many of each kind;
-- ``position``: the row and column of a named shape.
+- ``position``: the colour, kind, row and column of the one shape.
 
 No torch and no vLLM here: numpy and the standard library only (PIL only
 to write PNGs).
@@ -29,13 +29,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (235, 235, 235),
     "purple": (150, 60, 200),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SHAPES: tuple[str, ...] = ("cross", "square", "triangle")
 FAMILIES: tuple[str, ...] = ("global", "grid", "count", "position")
 QUESTIONS: dict[str, str] = {
     "global": "Which shapes are there?",
     "grid": "Read the colours of the grid.",
     "count": "How many shapes are there?",
-    "position": "Where is the {colour} {shape}?",
+    "position": "Where is the shape?",
 }
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 
@@ -51,13 +51,17 @@ class Sample:
 def _shape_masks(cell: int) -> dict[str, np.ndarray]:
     """Boolean ``cell`` x ``cell`` masks of each shape, one pixel of margin."""
     yy, xx = np.mgrid[0:cell, 0:cell] + 0.5
-    c, r = cell / 2, cell / 2 - 1
-    circle = (yy - c) ** 2 + (xx - c) ** 2 <= r * r
+    c = cell / 2
+    # A plus sign two pixels thick: its lit area and outline differ from
+    # the square's and the triangle's (a small circle's and a square's do
+    # not, at 8 pixels).
+    bar = lambda a, b: (np.abs(a - c) <= 1) & (b >= 1) & (b <= cell - 1)  # noqa: E731
+    cross = bar(yy, xx) | bar(xx, yy)
     square = (yy >= 1.5) & (yy <= cell - 1.5) & (xx >= 1.5) & (xx <= cell - 1.5)
     # Apex at the top centre, base on the bottom margin.
     height = (yy - 1) / (cell - 2)
     triangle = (yy >= 1) & (yy <= cell - 1) & (np.abs(xx - c) <= height * (cell / 2 - 1))
-    return {"circle": circle, "square": square, "triangle": triangle}
+    return {"cross": cross, "square": square, "triangle": triangle}
 
 
 def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int]) -> np.ndarray:
@@ -72,8 +76,12 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _plural(n: int, noun: str) -> str:
-    return f"{NUMBER_WORDS[n]} {noun}" + ("" if n == 1 else "s")
+def plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith("s") else "s")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{NUMBER_WORDS[n]} {noun if n == 1 else plural(noun)}"
 
 
 def _scene(rng: np.random.Generator, grid: int, cell: int, low: int, high: int):
@@ -95,7 +103,7 @@ def _scene(rng: np.random.Generator, grid: int, cell: int, low: int, high: int):
 
 
 def make_sample(rng: np.random.Generator, task: str, grid: int = 4, cell: int = 8,
-                max_shapes: int = 5) -> Sample:
+                max_shapes: int = 4) -> Sample:
     """One image with its question and answer for ``task`` (a family)."""
     colours = list(COLOURS)
     if task == "grid":
@@ -113,17 +121,11 @@ def make_sample(rng: np.random.Generator, task: str, grid: int = 4, cell: int = 
                       else f"There are {answer}.", task)
     if task == "count":
         image, objects = _scene(rng, grid, cell, 1, max_shapes)
-        kinds = [_plural(sum(o[3] == s for o in objects), s) for s in SHAPES]
-        return Sample(image, QUESTIONS[task], f"{_plural(len(objects), 'shape')}: {_join(kinds)}.", task)
+        kinds = [_count(sum(o[3] == s for o in objects), s) for s in SHAPES]
+        return Sample(image, QUESTIONS[task], f"{_count(len(objects), 'shape')}: {_join(kinds)}.", task)
     if task == "position":
-        while True:
-            image, objects = _scene(rng, grid, cell, 2, max_shapes)
-            unique = [o for o in objects if sum(p[2:] == o[2:] for p in objects) == 1]
-            if unique:
-                break
-        row, col, colour, shape = unique[rng.integers(len(unique))]
-        question = QUESTIONS[task].format(colour=colour, shape=shape)
-        return Sample(image, question, f"The {colour} {shape} is in row {NUMBER_WORDS[row + 1]}, "
+        image, ((row, col, colour, shape),) = _scene(rng, grid, cell, 1, 1)
+        return Sample(image, QUESTIONS[task], f"The {colour} {shape} is in row {NUMBER_WORDS[row + 1]}, "
                       f"column {NUMBER_WORDS[col + 1]}.", task)
     raise ValueError(f"unknown task family {task!r}; expected one of {FAMILIES}")
 
@@ -136,11 +138,12 @@ def make_samples(n: int, seed: int, families: tuple[str, ...] = FAMILIES, **kwar
 
 def vocabulary_text() -> list[str]:
     """Every word the questions and answers use (tokenizer training text)."""
-    words = list(COLOURS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(NUMBER_WORDS)
+    words = list(COLOURS) + list(SHAPES) + [plural(s) for s in SHAPES] + list(NUMBER_WORDS)
     lines = list(QUESTIONS.values()) + [" ".join(words)]
     lines += [f"There are a {c} {s}, a {c} {s} and a {c} {s}." for c in COLOURS for s in SHAPES]
+    lines += [f"There is a {c} {s}." for c in COLOURS for s in SHAPES]
     lines += [f"The {c} {s} is in row {n}, column {n}." for c in COLOURS for s in SHAPES for n in NUMBER_WORDS]
-    lines += [f"{n} shapes: {n} circles, {n} squares and {n} triangles." for n in NUMBER_WORDS]
+    lines += [f"{n} shapes: {n} crosses, {n} squares and {n} triangles." for n in NUMBER_WORDS]
     return lines
 
 
