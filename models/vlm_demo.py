@@ -42,7 +42,7 @@ class VlmDemoConfig:
     families: tuple[str, ...] = FAMILIES
     # Training draws families in these proportions (the grid read-out and
     # the one-shape position are learnt first; the others need more data).
-    family_weights: tuple[float, ...] = (3.0, 1.0, 3.0, 1.0)
+    family_weights: tuple[float, ...] = (2.0, 1.0, 2.0, 1.0)
     vision_hidden_size: int = 64
     vision_layers: int = 2
     text_hidden_size: int = 128
@@ -50,8 +50,8 @@ class VlmDemoConfig:
     num_attention_heads: int = 4  # head size 32
     num_key_value_heads: int = 2
     vocab_size: int = 512
-    steps: int = 1500
-    batch_size: int = 32
+    steps: int = 1200
+    batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 50
     train_records: int = 2000  # rows of train.jsonl

@@ -5,10 +5,10 @@ vision patch of the target (:mod:`models.vlm_demo`), rendered with numpy.
 Four task families, each answered by a fixed template whose content words
 can only come from the image:
 
-- ``global``: which shapes are there (colour and kind, in reading order);
+- ``global``: which two shapes are there (colour and kind, in reading order);
 - ``grid``: read out the colour of every cell, row by row (local content,
   the longest answer);
-- ``count``: how many shapes, and how many of each kind;
+- ``count``: how many shapes (1 to ``max_shapes``, all of one colour and kind);
 - ``position``: the colour, kind, row and column of the one shape.
 
 No torch and no vLLM here: numpy and the standard library only (PIL only
@@ -84,18 +84,20 @@ def _count(n: int, noun: str) -> str:
     return f"{NUMBER_WORDS[n]} {noun if n == 1 else plural(noun)}"
 
 
-def _scene(rng: np.random.Generator, grid: int, cell: int, low: int, high: int):
-    """A board with ``low..high`` shapes in distinct random cells; returns
-    the image and the objects ``(row, col, colour, shape)`` in reading order."""
+def _scene(rng: np.random.Generator, grid: int, cell: int, n: int, same: bool = False):
+    """A board with ``n`` shapes in distinct random cells (all of one colour
+    and kind if ``same``); returns the image and the objects ``(row, col,
+    colour, shape)`` in reading order."""
     colours = list(COLOURS)
-    n = int(rng.integers(low, high + 1))
     cells = sorted(rng.choice(grid * grid, size=n, replace=False).tolist())
     image = _background(rng, grid * cell)
     masks = _shape_masks(cell)
     objects = []
+    pick = lambda: (colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))])  # noqa: E731
+    first = pick()
     for idx in cells:
         row, col = divmod(idx, grid)
-        colour, shape = colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))]
+        colour, shape = first if same else pick()
         patch = image[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell]
         patch[masks[shape]] = _jitter(rng, COLOURS[colour])
         objects.append((row, col, colour, shape))
@@ -115,16 +117,17 @@ def make_sample(rng: np.random.Generator, task: str, grid: int = 4, cell: int = 
         answer = ", ".join(" ".join(colours[i] for i in row) for row in cells)
         return Sample(image, QUESTIONS[task], answer + ".", task)
     if task == "global":
-        image, objects = _scene(rng, grid, cell, 1, max_shapes)
+        image, objects = _scene(rng, grid, cell, 2)
         answer = _join([f"a {colour} {shape}" for _, _, colour, shape in objects])
-        return Sample(image, QUESTIONS[task], f"There is {answer}." if len(objects) == 1
-                      else f"There are {answer}.", task)
+        return Sample(image, QUESTIONS[task], f"There are {answer}.", task)
     if task == "count":
-        image, objects = _scene(rng, grid, cell, 1, max_shapes)
-        kinds = [_count(sum(o[3] == s for o in objects), s) for s in SHAPES]
-        return Sample(image, QUESTIONS[task], f"{_count(len(objects), 'shape')}: {_join(kinds)}.", task)
+        n = int(rng.integers(1, max_shapes + 1))
+        image, objects = _scene(rng, grid, cell, n, same=True)
+        _, _, colour, shape = objects[0]
+        verb = "is" if n == 1 else "are"
+        return Sample(image, QUESTIONS[task], f"There {verb} {_count(n, colour + ' ' + shape)}.", task)
     if task == "position":
-        image, ((row, col, colour, shape),) = _scene(rng, grid, cell, 1, 1)
+        image, ((row, col, colour, shape),) = _scene(rng, grid, cell, 1)
         return Sample(image, QUESTIONS[task], f"The {colour} {shape} is in row {NUMBER_WORDS[row + 1]}, "
                       f"column {NUMBER_WORDS[col + 1]}.", task)
     raise ValueError(f"unknown task family {task!r}; expected one of {FAMILIES}")
@@ -143,7 +146,7 @@ def vocabulary_text() -> list[str]:
     lines += [f"There are a {c} {s}, a {c} {s} and a {c} {s}." for c in COLOURS for s in SHAPES]
     lines += [f"There is a {c} {s}." for c in COLOURS for s in SHAPES]
     lines += [f"The {c} {s} is in row {n}, column {n}." for c in COLOURS for s in SHAPES for n in NUMBER_WORDS]
-    lines += [f"{n} shapes: {n} crosses, {n} squares and {n} triangles." for n in NUMBER_WORDS]
+    lines += [f"There are {n} {c} {plural(s)}." for n in NUMBER_WORDS for c in COLOURS for s in SHAPES]
     return lines
 
 
