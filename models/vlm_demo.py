@@ -40,9 +40,11 @@ class VlmDemoConfig:
     cell: int = 8  # pixels per cell = the vision patch size
     max_shapes: int = 4
     families: tuple[str, ...] = FAMILIES
-    # Training draws families in these proportions (the grid read-out and
-    # the one-shape position are learnt first; the others need more data).
-    family_weights: tuple[float, ...] = (2.0, 1.0, 2.0, 1.0)
+    # Training draws families in these proportions. The grid read-out's 16
+    # colour words are what first pulls the language model onto the image:
+    # with it at 1/6 of batches of 16, the model ignored the image for 1200
+    # steps (1.5% exact, colours guessed).
+    family_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     vision_hidden_size: int = 64
     vision_layers: int = 2
     text_hidden_size: int = 128
@@ -50,8 +52,8 @@ class VlmDemoConfig:
     num_attention_heads: int = 4  # head size 32
     num_key_value_heads: int = 2
     vocab_size: int = 512
-    steps: int = 1200
-    batch_size: int = 16
+    steps: int = 900
+    batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
     train_records: int = 2000  # rows of train.jsonl
