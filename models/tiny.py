@@ -31,22 +31,24 @@ def synthetic_corpus(num_stories: int = 400, seed: int = 0) -> list[str]:
     for _ in range(num_stories):
         a, b = rng.sample(_NAMES, 2)
         sentences = [f"Once upon a time, {a} went to the {rng.choice(_PLACES)}."]
+        # Every sentence is about the story's one thing, so its closing
+        # word can be read off the story (a copy, not a guess).
+        thing = rng.choice(_THINGS)
         first = None
         for _ in range(rng.randint(3, 7)):
-            adj, thing = rng.choice(_ADJ), rng.choice(_THINGS)
-            first = first or (adj, thing)
+            adj = rng.choice(_ADJ)
+            first = first or adj
             sentences.append(
                 f"{rng.choice([a, b])} {rng.choice(_VERBS)} a {adj} {thing} in the {rng.choice(_PLACES)}."
             )
-        # The closing word is the first thing of the story: a last-word task
-        # can only get it right by reading the story.
-        sentences.append(f"In the end, {a} gave {b} the {first[0]} {first[1]}.")
+        sentences.append(f"In the end, {a} gave {b} the {first} {thing}.")
         stories.append(" ".join(sentences))
     return stories
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
-    """Train a byte-level BPE on :func:`synthetic_corpus` and save it.
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0,
+                    texts: list[str] | None = None):
+    """Train a byte-level BPE on ``texts`` (default :func:`synthetic_corpus`) and save it.
 
     Writes ``tokenizer.json``, ``tokenizer_config.json`` (with a chat template)
     and ``special_tokens_map.json``; returns the transformers tokenizer.
@@ -64,7 +66,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(synthetic_corpus(seed=seed), trainer=trainer)
+    tok.train_from_iterator(synthetic_corpus(seed=seed) if texts is None else texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

@@ -31,8 +31,16 @@ def build_tiny_llava(
     vocab_size: int = 512,
     initializer_range: float = 0.2,
     seed: int = 0,
+    intermediate_size: int | None = None,
+    vision_layers: int = 2,
+    vision_heads: int = 2,
+    tokenizer_texts: list[str] | None = None,
 ) -> Path:
-    """Save the checkpoint to ``out_dir`` and return it."""
+    """Save the checkpoint to ``out_dir`` and return it.
+
+    ``intermediate_size`` defaults to twice the text hidden size;
+    ``tokenizer_texts`` is the BPE training text (default: the synthetic
+    stories of :mod:`models.tiny`)."""
     import torch
     from transformers import (
         CLIPVisionConfig,
@@ -46,12 +54,12 @@ def build_tiny_llava(
     from models.tiny import build_tokenizer
 
     out = Path(out_dir)
-    tokenizer = build_tokenizer(out, vocab_size=vocab_size, seed=seed)
+    tokenizer = build_tokenizer(out, vocab_size=vocab_size, seed=seed, texts=tokenizer_texts)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     text = LlamaConfig(
         hidden_size=text_hidden_size,
-        intermediate_size=2 * text_hidden_size,
+        intermediate_size=intermediate_size or 2 * text_hidden_size,
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
@@ -65,8 +73,8 @@ def build_tiny_llava(
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden_size,
         intermediate_size=2 * vision_hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
         image_size=image_size,
         patch_size=patch_size,
         projection_dim=vision_hidden_size,

@@ -18,6 +18,7 @@ from quant.errors import CLIError, run_command  # noqa: F401  (CLIError re-expor
 SUBCOMMAND_MODULES: list[str] = [
     "models.convert",
     "models.demo",
+    "models.vlm_demo",
     "quant.cli",
     "vllm_plugins.evaluation.cli",
     "eagle.cli",
