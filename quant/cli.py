@@ -66,13 +66,15 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 def run(args: argparse.Namespace) -> int:
     from quant.gptq import HessianError
+    from quant.imports import unused_modules_hidden
 
     try:
         config = config_from_args(args)
-        from quant.pipeline import quantize_checkpoint
+        with unused_modules_hidden():  # transformers would import sklearn and pandas (quant.imports)
+            from quant.pipeline import quantize_checkpoint
 
-        report = quantize_checkpoint(args.model, args.out, config, args.calib, force=args.force,
-                                     progress=not args.no_progress)
+            report = quantize_checkpoint(args.model, args.out, config, args.calib, force=args.force,
+                                         progress=not args.no_progress)
     except (QuantInputError, HessianError) as exc:
         raise CLIError(str(exc)) from None
     print(report.summary())
