@@ -41,6 +41,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    default=d["true_sequential"],
                    help="take every input group's Hessian from one pass over the unquantized layer (fewer "
                         "forward passes) instead of true-sequential order inside each layer")
+    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=d["clip_search"],
+                   help="gptq: search each group's scale among ratio x amax (1.0 down to --clip-min-ratio, steps of "
+                        f"0.01) for the least diag(H)-weighted rounding error (default {d['clip_search']})")
+    p.add_argument("--clip-min-ratio", type=float, default=d["clip_min_ratio"],
+                   help=f"smallest clipping ratio searched (default {d['clip_min_ratio']})")
     p.add_argument("--smoothquant", type=float, default=d["smoothquant"], metavar="ALPHA",
                    help="w8a8: SmoothQuant with this alpha, folded into the preceding norms")
     p.add_argument("--ignore", action="append", default=None, metavar="PATTERN",
@@ -60,6 +65,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         act_order=args.act_order, damp_percent=args.damp_percent, block_size=args.block_size,
         num_samples=args.num_samples, seqlen=args.seqlen, seed=args.seed, smoothquant=args.smoothquant,
         calib_dtype=args.calib_dtype, true_sequential=args.true_sequential,
+        clip_search=args.clip_search, clip_min_ratio=args.clip_min_ratio,
         ignore=tuple(args.ignore) if args.ignore is not None else _DEFAULTS["ignore"], overrides=overrides,
     )
 

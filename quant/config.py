@@ -76,6 +76,10 @@ class QuantConfig:
     # GPTQ paper's true-sequential order: each input group's Hessian comes from a forward pass
     # through the already-quantized earlier groups of the layer. False: one pass per layer.
     true_sequential: bool = True
+    # Search each group's scale among ratio * amax, ratio = 1.0, 0.99, ... clip_min_ratio, for the least
+    # diag(H)-weighted rounding error before GPTQ uses it (quant.clip). gptq method only.
+    clip_search: bool = False
+    clip_min_ratio: float = 0.8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -91,6 +95,8 @@ class QuantConfig:
             raise QuantInputError(f"--block-size must be positive, got {self.block_size}")
         if self.num_samples < 1:
             raise QuantInputError(f"--num-samples must be positive, got {self.num_samples}")
+        if not 0 < self.clip_min_ratio <= 1:
+            raise QuantInputError(f"--clip-min-ratio must be in (0, 1], got {self.clip_min_ratio}")
         if self.seqlen < 2:
             raise QuantInputError(f"--seqlen must be at least 2, got {self.seqlen}")
         if self.smoothquant is not None:
@@ -109,6 +115,13 @@ class QuantConfig:
                 raise QuantInputError("--override is not supported by --format gptq; use native or compressed-tensors")
         if self.format == "compressed-tensors" and self.act_order:
             raise QuantInputError("--act-order is exported by --format gptq and native only")
+
+    @property
+    def clip_ratios(self) -> tuple[float, ...]:
+        """The clipping ratios GPTQ searches (``(1.0,)``: the amax scale, no search)."""
+        from quant.clip import clip_ratios
+
+        return clip_ratios(self.clip_min_ratio) if self.clip_search else (1.0,)
 
     @property
     def default_scheme(self) -> LayerScheme:

@@ -47,6 +47,8 @@ MODELS = {
     "1b": dict(group_size=128, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
 }
+# --depth-check: the 1b model's width at these depths (peak RSS must not grow with depth)
+DEPTH_SPEC = {k: v for k, v in MODELS["1b"].items() if k != "num_hidden_layers"}
 
 HWM = """
 def hwm():
@@ -55,18 +57,24 @@ def hwm():
             return int(line.split()[1]) / 1024
 """
 
+# The same imports as `python -m quant` (quant.cli.run): the pipeline, with the unused packages hidden.
 OURS_CHILD = HWM + """
 import json, sys, time, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from quant.config import QuantConfig
-from quant.pipeline import quantize_checkpoint
+from quant.imports import unused_modules_hidden
 model, out, scheme, group, samples, true_sequential = sys.argv[1:7]
+options = json.loads(sys.argv[7]) if len(sys.argv) > 7 else {}
+with unused_modules_hidden():
+    from quant.pipeline import quantize_checkpoint
+    import transformers.models.auto.modeling_auto  # what the pipeline imports when it runs
 base = hwm()
 samples = torch.load(samples)
 cfg = QuantConfig(scheme=scheme, group_size=int(group), format="compressed-tensors",
-                  num_samples=samples.shape[0], seqlen=samples.shape[1], true_sequential=true_sequential == "1")
+                  num_samples=samples.shape[0], seqlen=samples.shape[1], true_sequential=true_sequential == "1",
+                  **options)
 t1 = time.perf_counter()
-report = quantize_checkpoint(model, out, cfg, samples=samples, force=True, progress=False)
+with unused_modules_hidden():
+    report = quantize_checkpoint(model, out, cfg, samples=samples, force=True, progress=False)
 print(report.summary(), file=sys.stderr)
 print("RESULT " + json.dumps({"quant_s": time.perf_counter() - t1, "import_rss_mb": base,
       "peak_rss_mb": hwm()}))
@@ -287,6 +295,10 @@ def main() -> int:
                     help=f"comma list of {', '.join(TOOLS)} (default: all; a peer whose venv cannot be "
                          "installed shows its error in the table)")
     ap.add_argument("--no-peers", action="store_true", help="run this toolkit only (same as --tools ours,ours-1pass)")
+    ap.add_argument("--depth-check", metavar="LAYERS", default=None,
+                    help="instead of the comparison: this toolkit's peak RSS (default mode, w4a16 g128) on random "
+                         "Llamas of hidden 2048 with these comma-separated layer counts, e.g. 2,24 "
+                         "(target: the deepest <= 1.1x the shallowest); use a small --num-samples")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP/MKL/OpenBLAS threads of every tool's subprocess (default: their own defaults)")
     args = ap.parse_args()
@@ -302,6 +314,8 @@ def main() -> int:
     cut = text.index("\n\n", int(len(text) * 0.8))
     calib = work / "calib.txt"
     calib.write_text(text[:cut])
+    if args.depth_check:
+        return depth_check([int(n) for n in args.depth_check.split(",")], work, calib, args)
     tools = list(OURS) if args.no_peers else [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = set(tools) - set(TOOLS)
     if unknown:
@@ -365,6 +379,38 @@ def main() -> int:
     print(f"calibration: the same {args.num_samples} windows of {args.seqlen} tokens (seed {args.seed}) for every tool and model "
           f"({args.num_samples * args.seqlen} tokens; float32 layer inputs of the 1b model: "
           f"{args.num_samples * args.seqlen * MODELS['1b']['hidden_size'] * 4 / 2**20:.0f} MiB)")
+    return 0
+
+
+def depth_check(depths: list[int], work: Path, calib: Path, args) -> int:
+    """Peak RSS of this toolkit (default mode) on random Llamas that differ only in depth."""
+    import torch
+
+    from quant.calib import calibration_samples, load_tokenizer
+
+    env = {"PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    if args.threads is not None:
+        env.update({k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    rows = []
+    for n in depths:
+        model = generate_llama(work / f"llama-depth-{n}", {**DEPTH_SPEC, "num_hidden_layers": n})
+        samples = calibration_samples(calib, load_tokenizer(model), args.num_samples, args.seqlen, args.seed)
+        samples_path = work / f"samples-depth-{n}.pt"
+        torch.save(samples, samples_path)
+        print(f"[depth {n}] ours ...", flush=True)
+        res = run_child(sys.executable, OURS_CHILD, [str(model), str(work / f"depth-{n}-out"), "w4a16", "128",
+                                                     str(samples_path), "1"], work / f"depth-{n}.log", env=env)
+        if "error" in res:
+            print(f"depth {n}: {res['error']} (log {res['log']})")
+            return 1
+        rows.append((n, dir_bytes(model) / 2**20, res))
+    print(f"\n{'layers':>6}{'model MiB':>11}{'wall s':>8}{'import RSS MiB':>16}{'peak RSS MiB':>14}{'peak / shallowest':>19}")
+    for n, size, r in rows:
+        print(f"{n:>6}{size:>11.0f}{r['wall_s']:>8.1f}{r['import_rss_mb']:>16.0f}{r['peak_rss_mb']:>14.0f}"
+              f"{r['peak_rss_mb'] / rows[0][2]['peak_rss_mb']:>19.3f}")
+    print(f"hidden {DEPTH_SPEC['hidden_size']}, intermediate {DEPTH_SPEC['intermediate_size']}, vocab "
+          f"{DEPTH_SPEC['vocab_size']}, bf16; w4a16 g128, default mode; {args.num_samples} x {args.seqlen} "
+          "calibration tokens; target: peak RSS of the deepest <= 1.1x the shallowest")
     return 0
 
 
