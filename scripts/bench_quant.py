@@ -145,10 +145,14 @@ PEERS = {
     # has no counterpart to W8A8 (int8 weights *and* per-token int8 activations): w4a16 only.
     "gptqmodel": ("gptqmodel", GPTQMODEL_CHILD, {"GPTQMODEL_CPU_WORKERS": "2"}, ("w4a16",)),
 }
-# this toolkit's variants -> QuantConfig fields over its defaults ("ours-1pass" calibrates each layer in one
-# pass as the peers do; "ours-clip" searches the clipping ratio of every group's scale)
-OURS = {"ours": {}, "ours-1pass": {"true_sequential": False}, "ours-clip": {"clip_search": True},
-        "ours-amax": {"clip_search": False}}
+# this toolkit's variants -> QuantConfig fields over its defaults: "seq" true-sequential inside each layer, "1pass"
+# every Hessian of a layer from one pass over the unquantized layer (as the peers calibrate), "clip" with the
+# clipping search of every group's scale (--clip-search), else amax scales
+OURS = {"ours": {},
+        "ours-seq": {"true_sequential": True, "clip_search": False},
+        "ours-1pass": {"true_sequential": False, "clip_search": False},
+        "ours-seq-clip": {"true_sequential": True, "clip_search": True},
+        "ours-1pass-clip": {"true_sequential": False, "clip_search": True}}
 TOOLS = (*OURS, *PEERS)
 
 
@@ -331,7 +335,7 @@ def main() -> int:
     ap.add_argument("--tools", default=",".join(TOOLS),
                     help=f"comma list of {', '.join(TOOLS)} (default: all; a peer whose venv cannot be "
                          "installed shows its error in the table)")
-    ap.add_argument("--no-peers", action="store_true", help="run this toolkit only (same as --tools ours,ours-1pass)")
+    ap.add_argument("--no-peers", action="store_true", help="run every variant of this toolkit, no peer")
     ap.add_argument("--depth-check", metavar="LAYERS", default=None,
                     help="instead of the comparison: this toolkit's peak RSS (default mode, w4a16 g128) on random "
                          "Llamas of hidden 2048 with these comma-separated layer counts, e.g. 2,24 "
@@ -514,8 +518,9 @@ def mean_over_seeds(rows: list[dict]) -> dict[tuple, dict]:
 
 
     print(textwrap.dedent("""
-        ours: the defaults; ours-1pass: --no-true-sequential, every Hessian of a layer from one pass over
-        the unquantized layer, as the peers calibrate; ours-clip / ours-amax: --clip-search on / off.
+        ours: the defaults; -seq: true-sequential inside each layer; -1pass: --no-true-sequential, every
+        Hessian of a layer from one pass over the unquantized layer, as the peers calibrate; -clip:
+        --clip-search (each group's scale clipped for the least diag(H)-weighted rounding error).
         wall s: the whole subprocess (imports included); quant s: model load + calibration + GPTQ + save.
         RSS/model: peak RSS over the size of the source safetensors. ppl: torch dequantized model on
         held-out TinyStories text (W8A8 with per-token int8 activations). gptqmodel: GPTQModel 7.6.0
