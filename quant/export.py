@@ -85,27 +85,30 @@ def quantization_config(fmt: str, config: QuantConfig, schemes: dict[str, LayerS
     raise ValueError(f"unknown format {fmt}")
 
 
-def _ct_scheme(s: LayerScheme, targets: list[str]):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+def _ct_args(num_bits: int, strategy: str, group_size: int | None = None, dynamic: bool = False,
+             observer: str | None = "memoryless_minmax") -> dict:
+    """compressed-tensors ``QuantizationArgs`` as its ``model_dump(mode="json")`` writes them (symmetric int)."""
+    return {"num_bits": num_bits, "type": "int", "symmetric": True, "group_size": group_size, "strategy": strategy,
+            "block_structure": None, "dynamic": dynamic, "actorder": None, "scale_dtype": None, "zp_dtype": None,
+            "observer": observer, "observer_kwargs": {}}
 
+
+def _ct_scheme(s: LayerScheme, targets: list[str]) -> dict:
     if s.scheme == "w4a16":
-        weights = QuantizationArgs(
-            num_bits=4, type="int", symmetric=True,
-            strategy="channel" if s.group_size == -1 else "group",
-            group_size=None if s.group_size == -1 else s.group_size)
-        return QuantizationScheme(targets=targets, weights=weights, format="pack-quantized")
-    return QuantizationScheme(
-        targets=targets,
-        weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
-        input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True),
-        format="int-quantized",
-    )
+        channel = s.group_size == -1
+        weights = _ct_args(4, "channel" if channel else "group", None if channel else s.group_size)
+        return {"targets": targets, "weights": weights, "input_activations": None, "output_activations": None,
+                "format": "pack-quantized"}
+    return {"targets": targets, "weights": _ct_args(8, "channel"),
+            "input_activations": _ct_args(8, "token", dynamic=True, observer=None), "output_activations": None,
+            "format": "int-quantized"}
 
 
 def _compressed_tensors_config(default: LayerScheme, schemes: dict[str, LayerScheme | None],
                                ignored: list[str]) -> dict:
-    from compressed_tensors.quantization import QuantizationConfig
-
+    """The ``quantization_config`` that compressed-tensors' ``QuantizationConfig.model_dump(mode="json")`` gives,
+    written without importing the library (its import pulls in torch.compile and inductor: seconds and
+    ~100 MiB); tests compare it with the library's."""
     # The default scheme targets every Linear; each other scheme lists its modules by exact name,
     # which compressed-tensors and vLLM match before class names.
     groups = {"group_0": _ct_scheme(default, ["Linear"])}
@@ -115,7 +118,7 @@ def _compressed_tensors_config(default: LayerScheme, schemes: dict[str, LayerSch
             others.setdefault(s, []).append(name)
     for i, (s, names) in enumerate(others.items(), 1):
         groups[f"group_{i}"] = _ct_scheme(s, names)
-    formats = {g.format for g in groups.values()}
+    formats = {g["format"] for g in groups.values()}
     fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
-    qc = QuantizationConfig(config_groups=groups, format=fmt, quantization_status="compressed", ignore=ignored)
-    return qc.model_dump(mode="json")
+    return {"config_groups": groups, "quant_method": "compressed-tensors", "kv_cache_scheme": None, "format": fmt,
+            "quantization_status": "compressed", "global_compression_ratio": None, "ignore": ignored}
