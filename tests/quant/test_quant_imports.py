@@ -3,7 +3,8 @@
 ``python -m quant`` runs a tiny quantization in a subprocess that reports, at
 exit, which modules were imported. transformers' generation code would import
 scikit-learn (and through it scipy.stats and pandas) when lm-eval is installed;
-``quant.imports`` keeps them out. vLLM is never needed.
+``quant.imports`` keeps them out. vLLM is never needed, and the compressed-tensors
+export is written without the compressed_tensors library (whose import compiles with torch.compile).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-UNUSED = ("sklearn", "pandas", "lm_eval", "vllm", "vllm_plugins")
+UNUSED = ("sklearn", "pandas", "lm_eval", "vllm", "vllm_plugins", "compressed_tensors")
 
 PROBE = """
 import atexit, json, runpy, sys
@@ -34,7 +35,7 @@ def test_python_m_quant_imports_no_unused_packages(tiny_llama, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, "--model", str(tiny_llama()), "--out", str(out), "--calib", str(calib),
-         "--num-samples", "4", "--seqlen", "32", "--no-progress"],
+         "--num-samples", "4", "--seqlen", "32", "--format", "compressed-tensors", "--no-progress"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "config.json").is_file()
