@@ -395,7 +395,11 @@ def main() -> int:
             torch.save(samples, samples_path)
             for scheme in schemes:
                 groups = [int(g) for g in args.group_sizes.split(",")] if args.group_sizes else [spec["group_size"]]
+                hidden = json.loads((model / "config.json").read_text())["hidden_size"]
                 for group in (groups if scheme == "w4a16" else [-1]):
+                    if group > hidden or hidden % group:
+                        print(f"[{name}] w4a16 g{group} skipped: {group} does not divide the hidden size {hidden}")
+                        continue
                     label = f"{scheme} g{group}" if scheme == "w4a16" else scheme
                     for tool in tools:
                         if tool in PEERS and (name == "1b" or scheme not in PEERS[tool][3]
