@@ -17,6 +17,7 @@ Dequantized weight: ``W = q · scale``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +148,16 @@ def accumulate_hessian(hessian: torch.Tensor | None, nsamples: int, x: torch.Ten
     return hessian, total
 
 
+@functools.cache
+def _blas_threadpools():
+    """The BLAS/LAPACK thread pools of this process, found once: ``threadpool_limits`` rescans every loaded
+    library on each call (about 10-20 ms, twice per input group of every layer)."""
+    import scipy.linalg  # noqa: F401 - its LAPACK must be loaded before the scan
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 @contextlib.contextmanager
 def single_threaded():
     """Run torch and BLAS/LAPACK on one thread inside the block.
@@ -156,12 +167,10 @@ def single_threaded():
     synchronisation, and on shared or oversubscribed cores their busy-waiting
     made them up to 50x slower here (measured in ``scripts/bench_quant.py``'s notes).
     """
-    from threadpoolctl import threadpool_limits
-
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with threadpool_limits(1, user_api="blas"):
+        with _blas_threadpools().limit(limits=1, user_api="blas"):
             yield
     finally:
         torch.set_num_threads(n)
