@@ -37,10 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=d["calib_dtype"],
                    help="dtype of the calibration forward passes; auto: bfloat16 for a bfloat16 checkpoint, "
                         f"else float32 (default {d['calib_dtype']})")
-    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
-                   default=d["true_sequential"],
-                   help="take every input group's Hessian from one pass over the unquantized layer (fewer "
-                        "forward passes) instead of true-sequential order inside each layer")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=d["true_sequential"],
+                   help="true-sequential order inside each layer (each input group's Hessian from a pass through "
+                        "the already-quantized earlier groups); --no-true-sequential takes every Hessian of a layer "
+                        f"from one pass over the unquantized layer (fewer forward passes; default {d['true_sequential']})")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=d["clip_search"],
                    help="gptq: search each group's scale among ratio x amax (1.0 down to --clip-min-ratio, steps of "
                         f"0.01) for the least diag(H)-weighted rounding error (default {d['clip_search']})")
