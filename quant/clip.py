@@ -28,33 +28,31 @@ def clip_ratios(min_ratio: float, step: float = 0.01) -> tuple[float, ...]:
     return tuple(round(1.0 - i * step, 10) for i in range(n + 1))
 
 
-def weighted_rounding_error(w: torch.Tensor, scale: torch.Tensor, importance: torch.Tensor,
-                            scheme: LayerScheme) -> torch.Tensor:
-    """Per row of ``w`` ``[rows, n]``: ``Σᵢ importanceᵢ (wᵢ − scale·q)²`` on the grid of per-row ``scale`` ``[rows]``."""
-    from quant.gptq import quantize_to_grid
-
-    d = w - quantize_to_grid(w, scale, scheme).mul_(scale.unsqueeze(1))
-    return d.square_().mul_(importance).sum(dim=1)
-
-
 def search_scales(w: torch.Tensor, importance: torch.Tensor, scheme: LayerScheme,
                   ratios: tuple[float, ...]) -> torch.Tensor:
     """Per-row scale of ``w`` ``[rows, n]`` (float32, stored-dtype values) minimising the importance-weighted
     rounding error over ``ratio · amax`` for ``ratio`` in ``ratios`` (which must start with 1.0)."""
-    from quant.gptq import scales_from_amax
+    from quant.gptq import qrange, scales_from_amax
 
     if not ratios or ratios[0] != 1.0:
         raise ValueError("the clipping ratios must start with 1.0")
-    w = w.to(torch.float32)
+    w = w.to(torch.float32).contiguous()
     imp = importance.to(torch.float32).clamp_min(0)
     amax = w.abs().amax(dim=1)
     best = scales_from_amax(amax, scheme)
     if len(ratios) == 1:
         return best
-    best_err = weighted_rounding_error(w, best, imp, scheme)
-    for r in ratios[1:]:
-        scale = scales_from_amax(amax * r, scheme)
-        err = weighted_rounding_error(w, scale, imp, scheme)
+    lo, hi = qrange(scheme)
+    buf = torch.empty_like(w)  # one [rows, n] work buffer for every ratio (no allocation per ratio)
+    best_err = None
+    for r in ratios:
+        scale = best if r == 1.0 else scales_from_amax(amax * r, scheme)
+        s = scale.unsqueeze(1)
+        torch.div(w, s, out=buf).round_().clamp_(lo, hi).mul_(s)  # the dequantized row on the grid of s
+        err = torch.sub(w, buf, out=buf).square_() @ imp  # sum_i imp_i (w_i - s q_i)^2 per row
+        if best_err is None:
+            best_err = err
+            continue
         better = err < best_err
         best = torch.where(better, scale, best)
         best_err = torch.where(better, err, best_err)
