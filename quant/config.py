@@ -77,8 +77,9 @@ class QuantConfig:
     # through the already-quantized earlier groups of the layer. False: one pass per layer.
     true_sequential: bool = True
     # Search each group's scale among ratio * amax, ratio = 1.0, 0.99, ... clip_min_ratio, for the least
-    # diag(H)-weighted rounding error before GPTQ uses it (quant.clip). gptq method only.
-    clip_search: bool = False
+    # diag(H)-weighted rounding error before GPTQ uses it (quant.clip). gptq method only. On by default:
+    # w4a16 perplexity 0.985x-1.0x of plain GPTQ's over 3 seeds (README, "Quantizing checkpoints").
+    clip_search: bool = True
     clip_min_ratio: float = 0.8
 
     def __post_init__(self) -> None:

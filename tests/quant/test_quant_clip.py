@@ -86,7 +86,8 @@ def test_gptq_with_diagonal_hessian_uses_the_searched_scale_of_each_group():
 
 
 def test_config_ratios_and_validation():
-    assert QuantConfig().clip_ratios == (1.0,)
+    assert QuantConfig(clip_search=False).clip_ratios == (1.0,)
+    assert QuantConfig().clip_ratios == QuantConfig(clip_search=True).clip_ratios == clip_ratios(0.8)
     cfg = QuantConfig(clip_search=True, clip_min_ratio=0.9)
     assert cfg.clip_ratios == (1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9)
     with pytest.raises(QuantInputError, match="--clip-min-ratio"):
