@@ -90,6 +90,32 @@ def check_d2t(d2t: torch.Tensor, target_vocab_size: int, where: str) -> None:
         raise DrafterError(f"{where}: d2t maps two draft ids to the same target id")
 
 
+def check_finite(tensors, where: str) -> None:
+    """No NaN or Inf in any float tensor of ``tensors`` (name -> tensor, or (name, tensor) pairs)."""
+    items = tensors.items() if isinstance(tensors, dict) else tensors
+    for name, t in items:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DrafterError(f"{where}: tensor {name} has NaN or Inf values")
+
+
+def check_target_checkpoint(target) -> None:
+    """A drafter is trained against the float target: a quantized export is refused (transformers
+    would load none of its linear weights and train against a random model)."""
+    import json
+    from pathlib import Path
+
+    path = Path(target) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DrafterError(f"--target {path}: cannot read the config ({exc})") from None
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        raise DrafterError(f"--target {target}: a quantized checkpoint (quant_method {method!r}); train the "
+                           "drafter against the float checkpoint it was made from")
+
+
 def check_drafter(
     draft_config,
     *,

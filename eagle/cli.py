@@ -8,7 +8,8 @@ from pathlib import Path
 
 from eagle.checks import DrafterError
 from eagle.layouts import LAYOUTS
-from eagle.train import TrainDrafterConfig, train_drafter
+from eagle.train import DEVICES, TrainDrafterConfig, train_drafter
+from eagle.vlm_inputs import IMAGE_INPUTS
 
 _HELP = {
     "aux_layer_ids": "target layers whose residual streams the drafter fuses (vLLM ids: 0 = "
@@ -25,7 +26,16 @@ _HELP = {
     "natural_text": "also train on --data itself (default: only on sequences the target writes)",
     "self_distill_sequences": "sequences the target writes itself (greedy) for training",
     "target_temperature": "softmax temperature of the target's labels (<1 sharpens towards greedy)",
+    "image_inputs": "drafter input at image placeholders: the target's image embeddings (served "
+                    "by this package's drafter class) or the placeholder token's embedding "
+                    "(text-only baseline, served by vLLM's stock class)",
+    "device": "where the target and the drafter run (auto: cuda if available; bf16 autocast on cuda)",
+    "threads": "torch threads on CPU (default 1: fastest for these small matmuls on a shared machine)",
+    "seq_len": "text tokens per training sequence (image placeholders come on top)",
 }
+
+
+_CHOICES = {"layout": LAYOUTS, "image_inputs": IMAGE_INPUTS, "device": DEVICES}
 
 
 def _ids(text: str) -> tuple[int, ...]:
@@ -42,7 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
     )
     p.add_argument("--target", type=Path, required=True, help="target checkpoint directory")
-    p.add_argument("--data", type=Path, required=True, help="local text file (blank-line separated)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="local text file (blank-line separated) for a text target; for a "
+                        "vision-language target a .jsonl of LLaVA-format image conversations")
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainDrafterConfig)}
     for field in dataclasses.fields(TrainDrafterConfig):
@@ -53,8 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default = defaults[name]
         if name == "aux_layer_ids":
             p.add_argument(flag, type=_ids, default=default, help=_HELP[name])
-        elif name == "layout":
-            p.add_argument(flag, choices=LAYOUTS, default=default, help=_HELP[name])
+        elif name in _CHOICES:
+            p.add_argument(flag, choices=_CHOICES[name], default=default, help=_HELP[name])
         elif isinstance(default, bool) and default:
             p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
                            help=_HELP.get(name, f"disable {name.replace('_', ' ')}"))

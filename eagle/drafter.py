@@ -41,7 +41,7 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.multimodal.inputs import NestedTensors
 
-from eagle.checks import check_d2t, check_drafter, eagle_field
+from eagle.checks import check_d2t, check_drafter, check_finite, eagle_field
 from eagle.layouts import canonical_name
 
 
@@ -114,6 +114,7 @@ class Eagle3MultimodalLlamaForCausalLM(Eagle3LlamaForCausalLM):
         """Load any of the three layouts; return the loaded parameter names."""
         model_weights: dict[str, torch.Tensor] = {}
         for raw_name, tensor in weights:
+            check_finite([(raw_name, tensor)], self._where.replace("config.json", "weights"))
             name = canonical_name(raw_name)
             if name is None or name == "t2d":
                 continue

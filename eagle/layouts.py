@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from eagle.checks import DrafterError
+from eagle.checks import DrafterError, check_finite
 
 DRAFTER_ARCH = "Eagle3MultimodalLlamaForCausalLM"
 STOCK_ARCH = "LlamaForCausalLMEagle3"
@@ -156,6 +156,7 @@ def read_drafter(path: str | Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
         from safetensors.torch import load_file
 
         raw = load_file(str(path / "model.safetensors"))
+    check_finite(raw, str(path))
     state = {}
     for name, tensor in raw.items():
         canon = canonical_name(name)

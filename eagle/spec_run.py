@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 
 def spec_metrics(metrics) -> dict:
@@ -54,6 +56,41 @@ def _generate(args, prompts, speculative_config):
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def heldout_prompts(target: Path, data: Path, num_prompts: int, prompt_tokens: int) -> list[list[int]]:
+    """The first ``prompt_tokens`` tokens of held-out passages of ``data``: the tail that
+    ``train-drafter`` (default ``holdout_fraction``) never trains on."""
+    from transformers import AutoTokenizer
+
+    from eagle.train import TrainDrafterConfig, split_text
+
+    tok = AutoTokenizer.from_pretrained(target)
+    _, held = split_text(Path(data), TrainDrafterConfig.holdout_fraction)
+    return [ids[:prompt_tokens] for ids in (tok(p)["input_ids"] for p in held)
+            if len(ids) >= prompt_tokens][:num_prompts]
+
+
+def run_subprocess(target: Path, draft: Path, prompts: list[list[int]], work: Path, *, max_tokens: int,
+                   k: int = 3, hf_overrides: dict | None = None, compare_target: bool = False,
+                   timeout: float = 1200) -> dict:
+    """Run this module in a fresh process (vLLM engines do not share a process well) and
+    return its result; raises ``RuntimeError`` with the log tail when it fails."""
+    path = Path(work) / "prompts.json"
+    path.write_text(json.dumps(prompts))
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "eagle.spec_run", "--target", str(target), "--draft", str(draft),
+           "--prompts", str(path), "--max-tokens", str(max_tokens), "--k", str(k)]
+    if hf_overrides:
+        cmd += ["--hf-overrides", json.dumps(hf_overrides)]
+    if compare_target:
+        cmd.append("--compare-target")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("SPEC_RUN_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"eagle.spec_run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(lines[-1].split(" ", 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,20 +32,36 @@ class RMSNorm(nn.Module):
         return (x32 * self.weight.float()).to(x.dtype)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Neox-style rotary embedding; ``x`` is ``[B, T, heads, dim]``."""
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float,
+         mrope_section: list[int] | None = None) -> torch.Tensor:
+    """Neox-style rotary embedding; ``x`` is ``[B, T, heads, dim]``.
+
+    ``positions`` is ``[B, T]``, or ``[3, B, T]`` for M-RoPE (Qwen2-VL):
+    frequency band ``j`` then turns by the temporal, height or width row by
+    the section of ``mrope_section`` it falls in, as vLLM's
+    ``MRotaryEmbedding`` does."""
     dim = x.shape[-1]
     inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
-    ang = positions.float()[..., None] * inv  # [B, T, dim/2]
+    if positions.dim() == 3:
+        if mrope_section is None or 2 * sum(mrope_section) != dim:
+            raise ValueError(f"M-RoPE positions need mrope_section summing to {dim // 2}, "
+                             f"got {mrope_section}")
+        row = torch.repeat_interleave(torch.arange(3, device=x.device),
+                                      torch.tensor(mrope_section, device=x.device))
+        ang = positions.float()[row].permute(1, 2, 0) * inv  # [B, T, dim/2]
+    else:
+        ang = positions.float()[..., None] * inv  # [B, T, dim/2]
     cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
     x1, x2 = x[..., : dim // 2].float(), x[..., dim // 2:].float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class DraftAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, theta: float):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, theta: float,
+                 mrope_section: list[int] | None = None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.theta = heads, kv_heads, head_dim, theta
+        self.mrope_section = mrope_section
         self.q_proj = nn.Linear(2 * hidden, heads * head_dim, bias=False)
         self.k_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=False)
@@ -56,7 +72,8 @@ class DraftAttention(nn.Module):
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        q = rope(q, positions, self.theta, self.mrope_section)
+        k = rope(k, positions, self.theta, self.mrope_section)
         rep = self.heads // self.kv_heads
         return q, k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
 
@@ -93,6 +110,7 @@ class MidLayer(nn.Module):
         self.self_attn = DraftAttention(
             h, cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"],
             cfg.get("rope_theta", 10000.0),
+            (cfg.get("rope_parameters") or {}).get("mrope_section"),
         )
         self.mlp = DraftMLP(h, cfg["intermediate_size"])
         self.input_layernorm = RMSNorm(h, eps)
@@ -142,7 +160,8 @@ class TorchEagle3Drafter(nn.Module):
         """Unroll ``len(embeds_per_step)`` steps; return the list of logits.
 
         ``embeds_per_step[i]``: input embeddings of step ``i`` (the tokens
-        one further ahead each step); ``positions``: step 0's positions.
+        one further ahead each step); ``positions``: step 0's positions,
+        ``[B, T]`` or ``[3, B, T]`` (M-RoPE; every row advances by one).
         """
         hidden = self.fuse(aux)
         keys, values, logits = [], [], []

@@ -6,6 +6,15 @@ then for each batch run the frozen Hugging Face target for its features
 (:mod:`eagle.features`) and train :class:`TorchEagle3Drafter` with the
 training-time-test unroll, step ``i`` weighted ``loss_decay ** i``, against
 the target's own next-token distribution restricted to the draft vocabulary.
+
+A vision-language target trains from a LLaVA-format jsonl of image
+conversations instead (:mod:`eagle.mm_data`, :mod:`eagle.vlm_inputs`):
+responses the target writes given the image, placeholder positions out of
+the loss, and at those positions the drafter reads the target's image
+embeddings (``--image-inputs embeds``, what
+:class:`eagle.drafter.Eagle3MultimodalLlamaForCausalLM` is fed at serve time)
+or the placeholder token's embedding (``placeholder``, the text-only
+baseline that vLLM's stock drafter class serves).
 """
 
 from __future__ import annotations
@@ -19,11 +28,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eagle.checks import DrafterError, check_aux_layer_ids, check_vocab
+from eagle.checks import DrafterError, check_aux_layer_ids, check_finite, check_target_checkpoint, check_vocab
 from eagle.features import decoder_stack, default_aux_layer_ids, target_features
-from eagle.layouts import LAYOUTS, write_drafter
+from eagle.layouts import DRAFTER_ARCH, LAYOUTS, STOCK_ARCH, write_drafter
+from eagle.mm_data import is_jsonl, read_conversations
 from eagle.torch_drafter import TorchEagle3Drafter
-from quant.outdir import staged_output_dir
+from eagle.vlm_inputs import IMAGE_INPUTS, VLMInputs, build_examples, collate, label_mask
+from quant.outdir import is_taken, staged_output_dir
+
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -55,25 +69,43 @@ class TrainDrafterConfig:
     input_embeds_norm: bool = False
     fused_hidden_norm: bool = False
     seed: int = 0
+    # torch threads of training: 1 by default, as training's small matmuls gain little from more
+    # and slow down up to 40x when another process shares the cores (issue 15).
+    threads: int = 1
     progress: bool = True
+    image_inputs: str = "embeds"  # drafter input at image placeholders: embeds | placeholder
+    device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA)
 
     def validate(self) -> None:
         """Raise :class:`DrafterError` naming the option at fault."""
         if not (self.target / "config.json").is_file():
             raise DrafterError(f"--target {self.target}: no config.json")
+        check_target_checkpoint(self.target)
         if not self.data.is_file():
             raise DrafterError(f"--data {self.data}: no such file")
-        if self.out.exists() and any(self.out.iterdir()):
+        if is_taken(self.out):
             raise DrafterError(f"--out {self.out}: exists and is not empty")
         if self.layout not in LAYOUTS:
             raise DrafterError(f"--layout {self.layout!r}: expected one of {LAYOUTS}")
+        if self.image_inputs not in IMAGE_INPUTS:
+            raise DrafterError(f"--image-inputs {self.image_inputs!r}: expected one of {IMAGE_INPUTS}")
+        if self.device not in DEVICES:
+            raise DrafterError(f"--device {self.device!r}: expected one of {DEVICES}")
+        if self.image_inputs == "placeholder" and (self.input_embeds_norm or self.fused_hidden_norm):
+            raise DrafterError("--image-inputs placeholder exports for vLLM's stock drafter class, "
+                               "which has no --input-embeds-norm / --fused-hidden-norm")
         for flag, value, low in (
             ("--ttt-steps", self.ttt_steps, 1), ("--seq-len", self.seq_len, 8),
             ("--batch-size", self.batch_size, 1), ("--steps", self.steps, 1),
-            ("--head-dim", self.head_dim, 8),
+            ("--head-dim", self.head_dim, 8), ("--threads", self.threads, 1),
         ):
             if value < low:
                 raise DrafterError(f"{flag} {value}: must be at least {low}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise DrafterError(f"--draft-vocab-size {self.draft_vocab_size}: must be at least 1")
+        if not 0 < self.target_temperature < math.inf:
+            raise DrafterError(f"--target-temperature {self.target_temperature}: must be positive "
+                               "(the target's labels are softmax(logits / temperature))")
         if not 0 < self.loss_decay <= 1:
             raise DrafterError(f"--loss-decay {self.loss_decay}: must be in (0, 1]")
         if not 0 < self.holdout_fraction < 1:
@@ -87,7 +119,10 @@ def text_config(config) -> object:
 def split_text(path: Path, holdout_fraction: float, max_chars: int | None = None):
     """Blank-line separated passages: ``(train, held_out)``, the held-out
     part being the tail of the file."""
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    try:
+        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as exc:
+        raise DrafterError(f"--data {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     if max_chars:
         text = text[:max_chars]
     passages = [p.strip() for p in text.split("\n\n") if p.strip()]
@@ -125,6 +160,10 @@ def drafter_config(cfg: TrainDrafterConfig, target_cfg, aux_ids, draft_vocab_siz
     # page sizes for target and drafter layers.
     kv = tc.num_key_value_heads if heads % tc.num_key_value_heads == 0 else heads
     rope = getattr(tc, "rope_parameters", None) or {}
+    section = rope.get("mrope_section")
+    if section and 2 * sum(section) != cfg.head_dim:
+        raise DrafterError(f"--head-dim {cfg.head_dim}: the target's M-RoPE sections {list(section)} "
+                           f"need head dim {2 * sum(section)}")
     return {
         "hidden_size": hidden,
         "intermediate_size": cfg.intermediate_size or tc.intermediate_size,
@@ -171,46 +210,42 @@ def init_drafter(dcfg: dict, target, ids: torch.Tensor, num_aux: int) -> TorchEa
 
 
 def ttt_loss(drafter, feats, ids: torch.Tensor, steps: int, decay: float,
-             temperature: float = 1.0):
+             temperature: float = 1.0, positions: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None):
     """Sum over steps of ``decay**i`` times the soft cross-entropy between the
     draft at index ``k`` of step ``i`` and the target's distribution for
     position ``k + 1 + i`` (restricted to the draft vocabulary); also
     returns step-0 top-1 agreement. ``temperature`` below 1 sharpens the
-    target's distribution towards its argmax (what greedy decoding accepts)."""
+    target's distribution towards its argmax (what greedy decoding accepts).
+    ``positions``: ``[B, T]`` or M-RoPE ``[3, B, T]`` (default ``0..T-1``);
+    ``mask`` ``[B, T]``: positions whose token is a training label (default all)."""
     embeds, aux, logits = feats["embeds"], feats["aux"], feats["logits"]
     b, t, _ = embeds.shape
     pad = embeds.new_zeros(b, steps, embeds.shape[-1])
     shifted = torch.cat([embeds, pad], dim=1)
     inputs = [shifted[:, 1 + i: 1 + i + t] for i in range(steps)]
-    positions = torch.arange(t).expand(b, t)
+    if positions is None:
+        positions = torch.arange(t, device=embeds.device).expand(b, t)
+    if mask is None:
+        mask = torch.ones(b, t, dtype=torch.bool, device=embeds.device)
     outs = drafter.ttt_forward(inputs, aux, positions)
     target_probs = torch.softmax(logits[..., ids].float() / temperature, dim=-1)
     total, acc = 0.0, 0.0
     for i, out in enumerate(outs):
         valid = t - 1 - i
         tp = target_probs[:, 1 + i: 1 + i + valid]
+        m = mask[:, 1 + i: 1 + i + valid]
+        if not m.any():
+            continue
         logp = F.log_softmax(out[:, :valid].float(), dim=-1)
-        total = total + decay ** i * -(tp * logp).sum(-1).mean()
+        total = total + decay ** i * -(tp * logp).sum(-1)[m].mean()
         if i == 0:
-            acc = (out[:, :valid].argmax(-1) == tp.argmax(-1)).float().mean().item()
+            acc = (out[:, :valid].argmax(-1) == tp.argmax(-1))[m].float().mean().item()
     return total, acc
 
 
 def is_vlm(target) -> bool:
     return getattr(target.config, "vision_config", None) is not None
-
-
-def with_images(target, batch: torch.Tensor, gen: torch.Generator):
-    """Prefix each sequence with one image's placeholders (after BOS) and
-    draw random images, so the recorded features hold the target's image
-    embeddings at those positions. Returns ``(input_ids, pixel_values)``."""
-    vc = target.config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    b = batch.shape[0]
-    image = torch.full((b, n), target.config.image_token_index, dtype=batch.dtype)
-    ids = torch.cat([batch[:, :1], image, batch[:, 1:-n]], dim=1)
-    pixels = torch.rand(b, 3, vc.image_size, vc.image_size, generator=gen) * 2 - 1
-    return ids, {"pixel_values": pixels}
 
 
 @torch.no_grad()
@@ -230,7 +265,7 @@ def self_distill(target, tokenizer, passages: list[str], cfg: TrainDrafterConfig
     out = []
     batch = 128
     for start in tqdm(range(0, len(prompts), batch), desc="self-distill", disable=not cfg.progress):
-        x = torch.tensor(prompts[start: start + batch])
+        x = torch.tensor(prompts[start: start + batch], device=target.device)
         g = target.generate(x, max_new_tokens=cfg.seq_len - plen, min_new_tokens=cfg.seq_len - plen,
                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
         out.append(g[:, : cfg.seq_len])
@@ -241,19 +276,94 @@ def load_target(path: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(path)
-    if getattr(config, "vision_config", None) is not None:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    model, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise DrafterError(f"--target {path}: the checkpoint has no weights for {len(missing)} of the model's "
+                           f"tensors (e.g. {missing[0]}); a drafter needs the float target")
     return model.eval().requires_grad_(False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DrafterError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def text_batches(target, tokenizer, cfg: TrainDrafterConfig, device):
+    """``(training tokens, draw(gen) -> (feats, positions, mask))`` for a text target."""
+    train_passages, _ = split_text(cfg.data, cfg.holdout_fraction, cfg.max_text_chars)
+    tokens = token_stream(tokenizer, train_passages)
+    n_chunks = tokens.numel() // cfg.seq_len
+    if n_chunks < cfg.batch_size:
+        raise DrafterError(f"--data {cfg.data}: too little text for one batch")
+    chunks = tokens[: n_chunks * cfg.seq_len].view(n_chunks, cfg.seq_len)
+    if cfg.self_distill_sequences:
+        distilled = self_distill(target, tokenizer, train_passages, cfg).cpu()
+        chunks = torch.cat([chunks, distilled]) if cfg.natural_text else distilled
+
+    def draw(aux_ids, gen):
+        batch = chunks[torch.randint(0, chunks.shape[0], (cfg.batch_size,), generator=gen)]
+        return target_features(target, batch.to(device), aux_ids), None, None
+
+    return tokens, draw
+
+
+def image_batches(target, tokenizer, cfg: TrainDrafterConfig, device):
+    """The same for a vision-language target and a jsonl of image conversations."""
+    if not is_jsonl(cfg.data):
+        raise DrafterError(f"--data {cfg.data}: a vision-language target trains from a .jsonl of "
+                           "image conversations (LLaVA format)")
+    vlm = VLMInputs(target, cfg.target)
+    convs = read_conversations(cfg.data)
+    rows = build_examples(vlm, tokenizer, convs, cfg.data, seq_len=cfg.seq_len,
+                          distill=cfg.self_distill_sequences, natural_text=cfg.natural_text,
+                          progress=cfg.progress)
+    tokens = torch.tensor([t for r in rows for t in r.text_ids()], dtype=torch.long)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def draw(aux_ids, gen):
+        picked = torch.randint(0, len(rows), (cfg.batch_size,), generator=gen).tolist()
+        batch = collate([rows[i] for i in picked], vlm.qwen, device, pad)
+        positions = vlm.positions(batch)
+        with torch.no_grad():
+            embeds = vlm.inputs_embeds(batch)
+            feats = target_features(target, None, aux_ids, inputs_embeds=embeds,
+                                    position_ids=positions)
+            if cfg.image_inputs == "placeholder":
+                stock = vlm.placeholder_embedding().to(feats["embeds"].dtype)
+                feats["embeds"] = feats["embeds"].masked_scatter(
+                    batch.image_mask[..., None],
+                    stock.expand(int(batch.image_mask.sum()), -1))
+        return feats, positions, label_mask(batch, vlm.image_token_id)
+
+    return tokens, draw
 
 
 def train_drafter(cfg: TrainDrafterConfig) -> Path:
     """Train and export; returns ``cfg.out``. Writes nothing on bad input."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads or 1)
+    try:
+        return _train(cfg, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainDrafterConfig, device: torch.device) -> Path:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    cfg.validate()
+    if not cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars
     torch.manual_seed(cfg.seed)
     target = load_target(cfg.target)
     tc = text_config(target.config)
@@ -262,24 +372,20 @@ def train_drafter(cfg: TrainDrafterConfig) -> Path:
     check_aux_layer_ids(aux_ids, len(layers), "--aux-layer-ids")
     if len(aux_ids) != 3:
         raise DrafterError(f"--aux-layer-ids {list(aux_ids)}: EAGLE-3 fuses exactly 3 layers")
-    dvs = cfg.draft_vocab_size or min(tc.vocab_size, 1024)
+    dvs = cfg.draft_vocab_size if cfg.draft_vocab_size is not None else min(tc.vocab_size, 1024)
     check_vocab(dvs, tc.vocab_size, "--draft-vocab-size")
+    dcfg = drafter_config(cfg, target.config, aux_ids, dvs)  # checks --head-dim early
+    target.to(device)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.target)
-    train_passages, _ = split_text(cfg.data, cfg.holdout_fraction, cfg.max_text_chars)
-    tokens = token_stream(tokenizer, train_passages)
-    n_chunks = tokens.numel() // cfg.seq_len
-    if n_chunks < cfg.batch_size:
-        raise DrafterError(f"--data {cfg.data}: too little text for one batch")
-    chunks = tokens[: n_chunks * cfg.seq_len].view(n_chunks, cfg.seq_len)
-    if cfg.self_distill_sequences:
-        distilled = self_distill(target, tokenizer, train_passages, cfg)
-        chunks = torch.cat([chunks, distilled]) if cfg.natural_text else distilled
-        n_chunks = chunks.shape[0]
+    if not is_vlm(target) and is_jsonl(cfg.data):
+        raise DrafterError(f"--data {cfg.data}: image conversations need a vision-language --target")
+    batches = image_batches if is_vlm(target) else text_batches
+    tokens, draw = batches(target, tokenizer, cfg, device)
     ids, _, _ = draft_vocab(tokens, tc.vocab_size, dvs)
 
-    dcfg = drafter_config(cfg, target.config, aux_ids, dvs)
-    drafter = init_drafter(dcfg, target, ids, len(aux_ids))
+    drafter = init_drafter(dcfg, target, ids, len(aux_ids)).to(device)
+    ids = ids.to(device)
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
@@ -293,27 +399,35 @@ def train_drafter(cfg: TrainDrafterConfig) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(range(cfg.steps), desc="train-drafter", disable=not cfg.progress, unit="step")
     for _ in bar:
-        batch = chunks[torch.randint(0, n_chunks, (cfg.batch_size,), generator=gen)]
-        extra: dict = {}
-        if is_vlm(target):
-            batch, extra = with_images(target, batch, gen)
-        feats = target_features(target, batch, aux_ids, **extra)
-        loss, acc = ttt_loss(drafter, feats, ids, cfg.ttt_steps, cfg.loss_decay,
-                             cfg.target_temperature)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats, positions, mask = draw(aux_ids, gen)
+            loss, acc = ttt_loss(drafter, feats, ids, cfg.ttt_steps, cfg.loss_decay,
+                                 cfg.target_temperature, positions, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{acc:.2f}")
-    return export(drafter, dcfg, cfg, tokenizer)
+    return export(drafter.cpu(), dcfg, cfg, tokenizer)
 
 
 def export(drafter: TorchEagle3Drafter, dcfg: dict, cfg: TrainDrafterConfig, tokenizer) -> Path:
-    """Write atomically: a temporary sibling directory renamed into place."""
+    """Write atomically: a temporary sibling directory renamed into place.
+
+    A full-vocabulary drafter is written without ``d2t``/``t2d`` (the
+    identity), which is how vLLM's stock ``Eagle3LlamaForCausalLM`` expects
+    it (``draft_vocab_size == vocab_size``, no mapping tensor). A
+    ``placeholder``-trained drafter names vLLM's stock class, which reads the
+    placeholder token's embedding at image positions as it was trained."""
     state = {k: v.detach().clone() for k, v in drafter.state_dict().items()}
+    check_finite(state, f"training diverged; nothing was written to --out {cfg.out}")
+    if dcfg["draft_vocab_size"] == dcfg["vocab_size"]:
+        state.pop("d2t")
+        state.pop("t2d")
+    arch = STOCK_ARCH if cfg.image_inputs == "placeholder" else DRAFTER_ARCH
     with staged_output_dir(cfg.out) as tmp:
-        write_drafter(tmp, state, dcfg, cfg.layout, verifier=str(cfg.target),
+        write_drafter(tmp, state, dcfg, cfg.layout, architecture=arch, verifier=str(cfg.target),
                       speculative_tokens=cfg.ttt_steps)
         tokenizer.save_pretrained(tmp)
         (tmp / "train_drafter.json").write_text(json.dumps(

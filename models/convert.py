@@ -9,8 +9,9 @@
   layout, plus a ``tokenizer.json`` built from the llama2.c tokenizer
   (``--tokenizer``, default: the single ``tok*.bin`` next to SRC).
 
-OUT must not exist; it is written to a temporary sibling and renamed at the
-end, so a failure leaves no partial directory. SRC is never modified.
+OUT must not exist (or be an empty directory); it is written to a
+temporary sibling and renamed at the end, so a failure leaves no partial
+directory. SRC is never modified.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from models.llama_variant_config import ARCHITECTURE, MODEL_TYPE
 from quant.errors import CLIError
-from quant.outdir import staged_output_dir
+from quant.outdir import is_taken, staged_output_dir
 
 
 def add_parser(subparsers):
@@ -31,7 +32,7 @@ def add_parser(subparsers):
         description=__doc__,
     )
     parser.add_argument("source", type=Path, help="HF Llama checkpoint directory or llama2.c .bin file")
-    parser.add_argument("output", type=Path, help="new checkpoint directory (must not exist)")
+    parser.add_argument("output", type=Path, help="new checkpoint directory (must not exist or be empty)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="llama2.c tokenizer .bin (llama2.c sources only; default: the tok*.bin next to SOURCE)")
     parser.set_defaults(func=run)
@@ -40,23 +41,38 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     source, output = args.source, args.output
-    if output.exists():
+    if is_taken(output):
         raise CLIError(f"output {output} already exists")
     if source.is_dir():
         if args.tokenizer is not None:
             raise CLIError("--tokenizer applies to llama2.c .bin sources only")
         with staged_output_dir(output) as tmp:
             convert_hf_llama(source, tmp)
+            _check_finite(tmp, source, output)
     elif source.is_file():
         tokenizer = args.tokenizer or _find_llama2c_tokenizer(source)
         if not tokenizer.is_file():
             raise CLIError(f"tokenizer {tokenizer} not found")
         with staged_output_dir(output) as tmp:
             convert_llama2c(source, tokenizer, tmp)
+            _check_finite(tmp, source, output)
     else:
         raise CLIError(f"source {source} not found")
     print(f"wrote {output}")
     return 0
+
+
+def _check_finite(staged: Path, source: Path, output: Path) -> None:
+    """No NaN or Inf in the converted weights, before ``output`` is published."""
+    from quant.checkpoint import find_non_finite
+    from quant.errors import QuantInputError
+
+    try:
+        bad = find_non_finite(staged)
+    except QuantInputError as exc:
+        raise CLIError(str(exc).replace(str(staged), str(source))) from None
+    if bad is not None:
+        raise CLIError(f"{source}: tensor {bad[1]} has NaN or Inf values; {output} was not written")
 
 
 def _find_llama2c_tokenizer(checkpoint: Path) -> Path:

@@ -55,10 +55,10 @@ def build_demo_model(out_dir: str | Path, config: DemoConfig = DemoConfig(), pro
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from models.tiny import build_tiny_llama, synthetic_corpus
-    from quant.outdir import staged_output_dir
+    from quant.outdir import is_taken, staged_output_dir
 
     out = Path(out_dir)
-    if out.exists():
+    if is_taken(out):
         raise FileExistsError(f"{out} already exists")
     with staged_output_dir(out) as tmp:
         build_tiny_llama(
@@ -104,7 +104,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", required=True, type=Path, help="output checkpoint directory (must not exist)")
+    p.add_argument("--out", required=True, type=Path, help="output checkpoint directory (must not exist or be empty)")
     p.add_argument("--steps", type=int, default=defaults.steps, help="training steps (default %(default)s)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed (default %(default)s)")
     p.set_defaults(func=_run)
@@ -113,8 +113,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _run(args) -> int:
     from quant.errors import CLIError
+    from quant.outdir import is_taken
 
-    if args.out.exists():
+    if is_taken(args.out):
         raise CLIError(f"--out {args.out} already exists")
     try:
         config = DemoConfig(**{**asdict(DemoConfig()), "steps": args.steps, "seed": args.seed})

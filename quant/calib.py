@@ -20,6 +20,8 @@ from quant.errors import QuantInputError
 
 def read_documents(path: str | Path) -> list[str]:
     path = Path(path)
+    if path.is_dir():
+        raise QuantInputError(f"--calib {path}: is a directory; expected a .txt or .jsonl file")
     if not path.is_file():
         raise QuantInputError(f"--calib {path}: no such file")
     text = path.read_text(encoding="utf-8", errors="replace")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from quant.errors import QuantInputError
-from quant.outdir import staged_output_dir
+from quant.outdir import is_taken, staged_output_dir
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -66,11 +66,17 @@ class ShardReader:
                 raise QuantInputError(f"{path}: truncated safetensors file (no header)")
             (hlen,) = struct.unpack("<Q", head)
             if hlen > size - 8:
+                # A header that starts as JSON was cut short; anything else is not a safetensors header.
+                if f.read(1) != b"{":
+                    raise QuantInputError(f"{path}: corrupt safetensors file (its first bytes are not a "
+                                          "safetensors header)")
                 raise QuantInputError(f"{path}: truncated safetensors file (header of {hlen} bytes, file of {size})")
             try:
                 header = json.loads(f.read(hlen))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise QuantInputError(f"{path}: corrupt safetensors header") from None
+            if not isinstance(header, dict):
+                raise QuantInputError(f"{path}: corrupt safetensors header")
         base = 8 + hlen
         end = base
         for name, meta in header.items():
@@ -84,6 +90,17 @@ class ShardReader:
             self.entries[name] = (path, dtype, tuple(meta["shape"]), base + start, base + stop)
         if end > size:
             raise QuantInputError(f"{path}: truncated safetensors file ({size} bytes, the header needs {end})")
+
+    def check_tensor(self, name: str, shape: tuple[int, ...], floating: bool) -> None:
+        """The stored ``name`` has the shape the model's config gives it and, for a float parameter,
+        a float dtype (integers would be quantized as if they were weights)."""
+        path, dtype, stored, _, _ = self.entries[name]
+        if tuple(stored) != tuple(shape):
+            raise QuantInputError(f"{path}: tensor {name} has shape {list(stored)}, but config.json makes it "
+                                  f"{list(shape)}")
+        if floating and not dtype.is_floating_point:
+            raise QuantInputError(f"{path}: tensor {name} is stored as {_DTYPE_NAMES[dtype]}, expected a float "
+                                  "dtype (F32, F16 or BF16)")
 
     def names(self) -> list[str]:
         return list(self.entries)
@@ -201,6 +218,8 @@ class ShardWriter:
                 _, dtype, shape, start, stop = value.reader.entries[value.name]
                 size = stop - start
             else:
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    raise QuantInputError(f"exported tensor {key} has NaN or Inf values; nothing was written")
                 dtype, shape, size = value.dtype, tuple(value.shape), value.numel() * value.element_size()
             header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
@@ -225,6 +244,17 @@ class ShardWriter:
         (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def find_non_finite(ckpt_dir: Path) -> tuple[str, str] | None:
+    """``(shard file name, tensor name)`` of the first float tensor of a safetensors checkpoint
+    directory with a NaN or Inf value, or ``None``: the check of an artifact before it is published."""
+    reader = ShardReader(ckpt_dir)
+    with reader.open():  # one tensor in memory at a time, in file order
+        for name in sorted(reader.names(), key=lambda n: (str(reader.entries[n][0]), reader.entries[n][3])):
+            if reader.dtype(name).is_floating_point and not bool(torch.isfinite(reader.read(name)).all()):
+                return reader.entries[name][0].name, name
+    return None
+
+
 def copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer, generation config, chat template... every top-level non-weight file but config.json."""
     for path in sorted(src.iterdir()):
@@ -236,7 +266,7 @@ def check_output_dir(out: Path, source: Path, force: bool) -> None:
     out_r, src_r = out.resolve(), source.resolve()
     if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
         raise QuantInputError(f"--out {out}: must not be the source checkpoint, inside it or contain it")
-    if out.exists() and not force:
+    if is_taken(out) and not force:  # an empty directory is taken over
         raise QuantInputError(f"--out {out}: already exists (pass --force to replace it)")
     if out.exists() and not out.is_dir():
         raise QuantInputError(f"--out {out}: exists and is not a directory")

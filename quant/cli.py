@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from quant.config import CALIB_DTYPES, FORMATS, METHODS, SCHEMES, QuantConfig, parse_override
-from quant.errors import CLIError, QuantInputError
+from quant.config import CALIB_DTYPES, DEVICES, FORMATS, METHODS, SCHEMES, QuantConfig, parse_override
+from quant.errors import CLIError, QuantInputError, run_command
+from quant.schemes import GROUP_SIZES, names
 
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
              for f in dataclasses.fields(QuantConfig)}
@@ -27,8 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scheme", choices=SCHEMES, default=d["scheme"], help=f"default {d['scheme']}")
     p.add_argument("--format", choices=FORMATS, default=d["format"], help=f"default {d['format']}")
     p.add_argument("--method", choices=METHODS, default=d["method"], help=f"default {d['method']}")
-    p.add_argument("--group-size", type=int, default=d["group_size"], help=f"w4a16: 32, 64, 128 or -1 (default {d['group_size']})")
-    p.add_argument("--act-order", action="store_true", default=d["act_order"], help="w4a16: act-order with static groups")
+    p.add_argument("--group-size", type=int, default=d["group_size"], help=f"{'/'.join(names(lambda s: s.grouped))}: {', '.join(map(str, GROUP_SIZES))} "
+                        f"(-1: per channel; default {d['group_size']})")
+    p.add_argument("--act-order", action="store_true", default=d["act_order"], help=f"{'/'.join(names(lambda s: s.act_order))}: act-order with static groups")
     p.add_argument("--num-samples", type=int, default=d["num_samples"], help=f"default {d['num_samples']}")
     p.add_argument("--seqlen", type=int, default=d["seqlen"], help=f"default {d['seqlen']}")
     p.add_argument("--seed", type=int, default=d["seed"], help=f"default {d['seed']}")
@@ -37,6 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default=d["calib_dtype"],
                    help="dtype of the calibration forward passes; auto: bfloat16 for a bfloat16 checkpoint, "
                         f"else float32 (default {d['calib_dtype']})")
+    p.add_argument("--device", default=d["device"], metavar="|".join(DEVICES),
+                   help="where layers are calibrated and GPTQ runs; auto: CUDA when available, else the CPU "
+                        f"(default {d['device']})")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=d["true_sequential"],
                    help="true-sequential order inside each layer (each input group's Hessian from a pass through "
                         "the already-quantized earlier groups); --no-true-sequential takes every Hessian of a layer "
@@ -47,7 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--clip-min-ratio", type=float, default=d["clip_min_ratio"],
                    help=f"smallest clipping ratio searched (default {d['clip_min_ratio']})")
     p.add_argument("--smoothquant", type=float, default=d["smoothquant"], metavar="ALPHA",
-                   help="w8a8: SmoothQuant with this alpha, folded into the preceding norms")
+                   help=f"{'/'.join(names(lambda s: s.act_bits is not None))}: SmoothQuant with this alpha, "
+                        "folded into the preceding norms")
     p.add_argument("--ignore", action="append", default=None, metavar="PATTERN",
                    help=f"HF module-name glob left unquantized (repeatable; default {list(d['ignore'])})")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=SCHEME",
@@ -64,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         scheme=args.scheme, group_size=args.group_size, method=args.method, format=args.format,
         act_order=args.act_order, damp_percent=args.damp_percent, block_size=args.block_size,
         num_samples=args.num_samples, seqlen=args.seqlen, seed=args.seed, smoothquant=args.smoothquant,
-        calib_dtype=args.calib_dtype, true_sequential=args.true_sequential,
+        calib_dtype=args.calib_dtype, true_sequential=args.true_sequential, device=args.device,
         clip_search=args.clip_search, clip_min_ratio=args.clip_min_ratio,
         ignore=tuple(args.ignore) if args.ignore is not None else _DEFAULTS["ignore"], overrides=overrides,
     )
@@ -81,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
             report = quantize_checkpoint(args.model, args.out, config, args.calib, force=args.force,
                                          progress=not args.no_progress)
-    except (QuantInputError, HessianError) as exc:
+    except (QuantInputError, HessianError, OverflowError) as exc:  # OverflowError: a scale past its dtype
         raise CLIError(str(exc)) from None
     print(report.summary())
     return 0
@@ -96,8 +102,4 @@ def main(argv: list[str] | None = None) -> int:
     quantize = add_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
     args = quantize.parse_args(argv[1:] if argv[:1] == ["quantize"] else argv)
-    try:
-        return int(run(args) or 0)
-    except CLIError as exc:
-        print(f"python -m quant: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("python -m quant", run, args)

@@ -16,34 +16,38 @@ import math
 from dataclasses import dataclass, field
 
 from quant.errors import QuantInputError
+from quant.schemes import GROUP_SIZES, SCHEMES, Scheme, names
 
-SCHEMES = ("w4a16", "w8a8")
 FORMATS = ("native", "gptq", "compressed-tensors")
 METHODS = ("gptq", "rtn")
-GROUP_SIZES = (32, 64, 128, -1)
 CALIB_DTYPES = ("auto", "float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # for help and errors; N is a CUDA device index
 
 
 @dataclass(frozen=True)
 class LayerScheme:
     """How one linear module is quantized."""
 
-    scheme: str  # "w4a16" or "w8a8"
-    group_size: int = -1  # w4a16 only; -1 = one group per output channel
+    scheme: str  # a name in quant.schemes.SCHEMES
+    group_size: int = -1  # grouped schemes only; -1 = one group per output channel
+
+    @property
+    def spec(self) -> Scheme:
+        return SCHEMES[self.scheme]
 
     @property
     def bits(self) -> int:
-        return 4 if self.scheme == "w4a16" else 8
+        return self.spec.bits
 
     def n_groups(self, in_features: int) -> int:
-        if self.scheme == "w8a8" or self.group_size == -1:
+        if not self.spec.grouped or self.group_size == -1:
             return 1
         return in_features // self.group_size
 
     def as_dict(self) -> dict:
-        if self.scheme == "w8a8":
-            return {"scheme": "w8a8"}
-        return {"scheme": "w4a16", "group_size": self.group_size}
+        if not self.spec.grouped:
+            return {"scheme": self.scheme}
+        return {"scheme": self.scheme, "group_size": self.group_size}
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class QuantConfig:
     # w4a16 perplexity 0.985x-1.0x of plain GPTQ's over 3 seeds (README, "Quantizing checkpoints").
     clip_search: bool = True
     clip_min_ratio: float = 0.8
+    # Where layers are calibrated and GPTQ runs ("auto": CUDA when available, else the CPU; quant.device).
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -90,6 +96,8 @@ class QuantConfig:
         _choice("--format", self.format, FORMATS)
         _choice("--group-size", self.group_size, GROUP_SIZES)
         _choice("--calib-dtype", self.calib_dtype, CALIB_DTYPES)
+        if not _is_device(self.device):
+            raise QuantInputError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if not 0 < self.damp_percent < 1:
             raise QuantInputError(f"--damp-percent must be in (0, 1), got {self.damp_percent}")
         if self.block_size < 1:
@@ -100,22 +108,29 @@ class QuantConfig:
             raise QuantInputError(f"--clip-min-ratio must be in (0, 1], got {self.clip_min_ratio}")
         if self.seqlen < 2:
             raise QuantInputError(f"--seqlen must be at least 2, got {self.seqlen}")
+        spec = SCHEMES[self.scheme]
         if self.smoothquant is not None:
             if not (0 < self.smoothquant <= 1) or math.isnan(self.smoothquant):
                 raise QuantInputError(f"--smoothquant ALPHA must be in (0, 1], got {self.smoothquant}")
-            if self.scheme != "w8a8":
-                raise QuantInputError("--smoothquant applies to --scheme w8a8 only")
-        if self.act_order and self.scheme != "w4a16":
-            raise QuantInputError("--act-order applies to --scheme w4a16 only")
-        for pattern, spec in self.overrides.items():
-            _override_scheme(pattern, spec, self.group_size)
-        if self.format == "gptq":
-            if self.scheme != "w4a16":
-                raise QuantInputError("--format gptq holds w4a16 only; use native or compressed-tensors for w8a8")
-            if self.overrides:
-                raise QuantInputError("--override is not supported by --format gptq; use native or compressed-tensors")
+            if spec.act_bits is None:
+                raise QuantInputError(f"--smoothquant applies to --scheme {_either(names(_quantizes_acts))} only")
+        if self.act_order and not spec.act_order:
+            raise QuantInputError(f"--act-order applies to --scheme {_either(names(lambda s: s.act_order))} only")
+        for pattern, override in self.overrides.items():
+            _override_scheme(pattern, override, self.group_size)
+        self._check_format(self.scheme)
+        if self.format == "gptq" and self.overrides:
+            raise QuantInputError("--override is not supported by --format gptq; use native or compressed-tensors")
+        for override in self.overrides.values():
+            self._check_format(override["scheme"])
         if self.format == "compressed-tensors" and self.act_order:
             raise QuantInputError("--act-order is exported by --format gptq and native only")
+
+    def _check_format(self, scheme: str) -> None:
+        if self.format not in SCHEMES[scheme].formats:
+            holds = _either(names(lambda s: self.format in s.formats))
+            raise QuantInputError(f"--format {self.format} holds {holds} only; use "
+                                  f"{_either(list(SCHEMES[scheme].formats))} for {scheme}")
 
     @property
     def clip_ratios(self) -> tuple[float, ...]:
@@ -126,9 +141,9 @@ class QuantConfig:
 
     @property
     def default_scheme(self) -> LayerScheme:
-        if self.scheme == "w8a8":
-            return LayerScheme("w8a8")
-        return LayerScheme("w4a16", self.group_size)
+        if not SCHEMES[self.scheme].grouped:
+            return LayerScheme(self.scheme)
+        return LayerScheme(self.scheme, self.group_size)
 
     def is_ignored(self, module_name: str) -> bool:
         return any(fnmatch.fnmatchcase(module_name, p) for p in self.ignore)
@@ -147,6 +162,23 @@ class QuantConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _is_device(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    kind, sep, index = value.partition(":")
+    if sep:
+        return kind == "cuda" and index.isascii() and index.isdigit()
+    return value in ("auto", "cpu", "cuda")
+
+
+def _quantizes_acts(s: Scheme) -> bool:
+    return s.act_bits is not None
+
+
+def _either(items: list[str]) -> str:
+    return " or ".join(items)
+
+
 def _choice(flag: str, value, allowed) -> None:
     if value not in allowed:
         raise QuantInputError(f"{flag} must be one of {', '.join(map(str, allowed))}; got {value!r}")
@@ -158,13 +190,13 @@ def _override_scheme(pattern: str, spec: dict, default_group_size: int = 128) ->
         raise QuantInputError(f"--override {pattern}: unknown keys {sorted(unknown)}")
     scheme = spec.get("scheme")
     _choice(f"--override {pattern} scheme", scheme, SCHEMES)
-    if scheme == "w8a8":
+    if not SCHEMES[scheme].grouped:
         if "group_size" in spec:
-            raise QuantInputError(f"--override {pattern}: w8a8 is per channel and takes no group_size")
-        return LayerScheme("w8a8")
+            raise QuantInputError(f"--override {pattern}: {scheme} is per channel and takes no group_size")
+        return LayerScheme(scheme)
     group_size = spec.get("group_size", default_group_size)
-    _choice(f"--override {pattern} group_size", group_size, GROUP_SIZES)
-    return LayerScheme("w4a16", group_size)
+    _choice(f"--override {pattern} group_size", group_size, SCHEMES[scheme].group_sizes)
+    return LayerScheme(scheme, group_size)
 
 
 def parse_override(text: str) -> tuple[str, dict]:

@@ -9,8 +9,9 @@ happen: group scales are computed from the error-updated weights of the group
 stored dtype *before* the integers are computed, so every export format
 dequantizes to bit-identical weights.
 
-Symmetric grids: int4 ``q ∈ [-8, 7]`` with ``scale = 2·amax/15`` (AutoGPTQ's
-sym convention, zero point 8); int8 ``q ∈ [-127, 127]`` with ``scale = amax/127``.
+Grids, scale rules and scale dtypes come from :mod:`quant.schemes`: int4
+``q ∈ [-8, 7]`` with ``scale = 2·amax/15`` (AutoGPTQ's sym convention, zero
+point 8); int8 ``q ∈ [-127, 127]`` with ``scale = amax/127``.
 Dequantized weight: ``W = q · scale``.
 """
 
@@ -24,7 +25,6 @@ import torch
 
 from quant.config import LayerScheme
 
-SCALE_DTYPES = {"w4a16": torch.float16, "w8a8": torch.float32}
 _NUMPY_DTYPES = {torch.float64: "float64", torch.float32: "float32"}
 
 
@@ -37,10 +37,14 @@ class QuantResult:
     """Integers and scales of one linear: ``W[o, i] = q[o, i] * scales[o, g_idx[i]]``."""
 
     q: torch.Tensor  # int8 [out, in]
-    scales: torch.Tensor  # SCALE_DTYPES[scheme] [out, n_groups]
+    scales: torch.Tensor  # scheme.spec.scale_dtype [out, n_groups]
     g_idx: torch.Tensor  # int32 [in]
     scheme: LayerScheme
     loss: float  # GPTQ's sum of (w - q)² / [H⁻¹]ᵢᵢ² / 2, or the same formula for RTN when a Hessian is given
+
+    def to(self, device: torch.device | str) -> "QuantResult":
+        """The same result with its tensors on ``device``."""
+        return QuantResult(self.q.to(device), self.scales.to(device), self.g_idx.to(device), self.scheme, self.loss)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return (self.q.to(torch.float32) * self.scales.to(torch.float32)[:, self.g_idx.long()]).to(dtype)
@@ -50,7 +54,7 @@ class QuantResult:
         out_f, in_f = self.q.shape
         n_groups = self.scales.shape[1]
         gsize = in_f // n_groups
-        if not torch.equal(self.g_idx.long(), torch.arange(in_f) // gsize):  # not contiguous groups
+        if not torch.equal(self.g_idx.long(), torch.arange(in_f, device=self.g_idx.device) // gsize):  # not contiguous groups
             return out.copy_(self.dequantize())
         out.copy_(self.q)
         out.view(out_f, n_groups, gsize).mul_(self.scales.to(torch.float32).unsqueeze(2))
@@ -58,7 +62,7 @@ class QuantResult:
 
 
 def qrange(scheme: LayerScheme) -> tuple[int, int]:
-    return (-8, 7) if scheme.bits == 4 else (-127, 127)
+    return scheme.spec.qmin, scheme.spec.qmax
 
 
 def compute_scales(w: torch.Tensor, scheme: LayerScheme, importance: torch.Tensor | None = None,
@@ -78,8 +82,8 @@ def compute_scales(w: torch.Tensor, scheme: LayerScheme, importance: torch.Tenso
 def scales_from_amax(amax: torch.Tensor, scheme: LayerScheme) -> torch.Tensor:
     """The symmetric scale of per-row ``amax``, rounded to its stored dtype (float32; 1 where it is 0)."""
     amax = amax.to(torch.float32)
-    scale = amax * (2.0 / 15.0) if scheme.bits == 4 else amax / 127.0
-    stored = SCALE_DTYPES[scheme.scheme]
+    scale = scheme.spec.scale(amax)
+    stored = scheme.spec.scale_dtype
     info = torch.finfo(stored)
     if bool((scale > info.max).any()):
         raise OverflowError(f"weight magnitude {float(amax.max()):.3g} overflows {stored} scales")
@@ -94,14 +98,14 @@ def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, scheme: LayerScheme) 
     return torch.clamp(torch.round(w / scale.unsqueeze(1)), lo, hi)
 
 
-def default_g_idx(in_features: int, scheme: LayerScheme) -> torch.Tensor:
+def default_g_idx(in_features: int, scheme: LayerScheme, device: torch.device | str = "cpu") -> torch.Tensor:
     if scheme.n_groups(in_features) == 1:
-        return torch.zeros(in_features, dtype=torch.int32)
-    return torch.arange(in_features, dtype=torch.int32) // scheme.group_size
+        return torch.zeros(in_features, dtype=torch.int32, device=device)
+    return torch.arange(in_features, dtype=torch.int32, device=device) // scheme.group_size
 
 
 def check_group_size(in_features: int, scheme: LayerScheme, where: str) -> None:
-    if scheme.scheme == "w4a16" and scheme.group_size != -1 and in_features % scheme.group_size:
+    if scheme.spec.grouped and scheme.group_size != -1 and in_features % scheme.group_size:
         raise ValueError(f"--group-size {scheme.group_size} does not divide the input size {in_features} of {where}")
 
 
@@ -116,7 +120,8 @@ def rtn_quantize(weight: torch.Tensor, scheme: LayerScheme, hessian: torch.Tenso
     scales = compute_scales(wg, scheme)
     q = quantize_to_grid(wg, scales, scheme).reshape(out_f, in_f)
     scales = scales.reshape(out_f, n_groups)
-    result = QuantResult(q.to(torch.int8), scales.to(SCALE_DTYPES[scheme.scheme]), default_g_idx(in_f, scheme), scheme, 0.0)
+    result = QuantResult(q.to(torch.int8), scales.to(scheme.spec.scale_dtype), default_g_idx(in_f, scheme, w.device),
+                         scheme, 0.0)
     if hessian is not None:
         err = w - result.dequantize()
         result.loss = float(torch.einsum("oi,ij,oj->", err.double(), hessian.double(), err.double()) / 2)
@@ -137,7 +142,7 @@ def accumulate_hessian(hessian: torch.Tensor | None, nsamples: int, x: torch.Ten
     x = x.reshape(-1, x.shape[-1]).to(torch.float32)
     n_new, width = x.shape
     if hessian is None:
-        hessian = torch.zeros(width, width, dtype=torch.float32)
+        hessian = torch.zeros(width, width, dtype=torch.float32, device=x.device)
     total = nsamples + n_new
     hessian.mul_(nsamples / total)
     alpha = 2.0 / total
@@ -226,42 +231,86 @@ def _reversed_inverse_factor(hessian: torch.Tensor, damp_percent: float, max_ret
                        "use more calibration samples or raise --damp-percent")
 
 
+def _reversed_inverse_factor_torch(hessian: torch.Tensor, damp_percent: float, max_retries: int) -> torch.Tensor:
+    """:func:`_reversed_inverse_factor` with ``torch.linalg`` in float64 on the Hessian's device (CUDA).
+
+    The same computation (``L`` = lower Cholesky factor of the damped ``J H J``,
+    returned as ``L⁻¹``), as a torch tensor on ``hessian.device``.
+    """
+    if not torch.isfinite(hessian).all():
+        raise HessianError("the Hessian has no positive diagonal (all calibration inputs are zero or not finite)")
+    flipped = hessian.to(torch.float64).flip((0, 1))  # J H J, a float64 copy
+    diagonal = flipped.diagonal()
+    undamped = diagonal.clone()
+    mean_diag = float(undamped.mean())
+    if not mean_diag > 0:
+        raise HessianError("the Hessian has no positive diagonal (all calibration inputs are zero or not finite)")
+    damp = damp_percent
+    for _ in range(max_retries + 1):
+        diagonal.copy_(undamped).add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(flipped)
+        if int(info) == 0:
+            del flipped
+            eye = torch.eye(lower.shape[0], dtype=torch.float64, device=lower.device)
+            inv = torch.linalg.solve_triangular(lower, eye, upper=False)
+            del lower, eye
+            if bool(torch.isfinite(inv).all()) and bool((inv.diagonal() > 0).all()):
+                return inv
+            raise HessianError(f"the inverse Hessian is not positive definite (dampening {damp:g} x mean(diag H)); "
+                               "use more calibration samples or raise --damp-percent")
+        del lower
+        damp *= 10
+    raise HessianError(f"Cholesky failed even with dampening {damp / 10:g} x mean(diag H); "
+                       "use more calibration samples or raise --damp-percent")
+
+
 @dataclass
 class PreparedHessian:
     """What GPTQ needs from a Hessian: dead inputs, column order and the upper Cholesky factor of H⁻¹.
 
-    The factor stays in its float64 LAPACK buffer (as ``J L⁻¹ J``, see
-    :func:`inverse_cholesky`); GPTQ reads it one block of rows at a time in
-    float32, so no second ``[in, in]`` matrix is ever made from it.
+    The factor stays in its float64 buffer (as ``J L⁻¹ J``, see
+    :func:`inverse_cholesky`): a LAPACK (numpy) one on the CPU, a torch tensor
+    on the Hessian's device otherwise. GPTQ reads it one block of rows at a
+    time in float32, so no second ``[in, in]`` matrix is ever made from it.
     """
 
     dead: torch.Tensor  # bool [in]
     perm: torch.Tensor  # processing order of the columns
-    flipped_inverse: object  # float64 numpy [in, in] (Fortran order), rows/columns in reversed ``perm`` order
+    # float64 [in, in], rows/columns in reversed ``perm`` order: numpy (Fortran order) or a torch tensor
+    flipped_inverse: object
     importance: torch.Tensor | None = None  # diag(H) [in] in column order (the clipping search's weights)
 
     def upper_rows(self, i1: int, i2: int) -> torch.Tensor:
         """Rows ``i1:i2``, columns ``i1:`` of the upper factor ``U``, float32 (the values of ``U.float()``)."""
+        n = self.flipped_inverse.shape[0]
+        if isinstance(self.flipped_inverse, torch.Tensor):
+            return self.flipped_inverse[n - i2:n - i1, :n - i1].to(torch.float32).flip((0, 1))
         import numpy as np
 
-        n = self.flipped_inverse.shape[0]
         rows = self.flipped_inverse[n - i2:n - i1, :n - i1][::-1, ::-1]
         return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
 
 
 def prepare_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order: bool = False,
-                    max_damp_retries: int = 5) -> PreparedHessian:
+                    max_damp_retries: int = 5, lapack: bool | None = None) -> PreparedHessian:
+    """Dead inputs, column order and the factor of H⁻¹: scipy LAPACK on the CPU when ``lapack``, else
+    ``torch.linalg`` on the Hessian's device (``None``: LAPACK for a CPU Hessian, torch.linalg otherwise)."""
+    if lapack is None:
+        lapack = hessian.device.type == "cpu"
     h = hessian.to(torch.float32)
     importance = torch.diagonal(h).clone()
     dead = importance == 0
     if bool(dead.any()):
         h = h.clone()
         h[dead, dead] = 1
-    perm = torch.arange(h.shape[0])
+    perm = torch.arange(h.shape[0], device=h.device)
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True)
         h = h[perm][:, perm]
-    factor = _reversed_inverse_factor(h, damp_percent, max_damp_retries)
+    if lapack:
+        factor = _reversed_inverse_factor(h, damp_percent, max_damp_retries)
+    else:
+        factor = _reversed_inverse_factor_torch(h, damp_percent, max_damp_retries)
     del h
     return PreparedHessian(dead, perm, factor, importance)
 
@@ -306,7 +355,8 @@ def gptq_quantize_shared(
     in_f, out_f = weights[0].shape[1], sum(sizes)
     check_group_size(in_f, scheme, "the weight")
     # Wᵀ [in, out] in float32, one copy (the inputs stay untouched), filled one linear at a time.
-    wt = torch.empty(in_f, out_f, dtype=torch.float32)
+    device = weights[0].device
+    wt = torch.empty(in_f, out_f, dtype=torch.float32, device=device)
     start = 0
     for w, n in zip(weights, sizes):
         wt[:, start:start + n].copy_(w.detach().t())
@@ -323,8 +373,8 @@ def gptq_quantize_shared(
 
     n_groups = scheme.n_groups(in_f)
     gsize = in_f // n_groups
-    g_idx = default_g_idx(in_f, scheme)
-    scales = torch.zeros(n_groups, out_f, dtype=torch.float32)  # transposed: one contiguous row per group
+    g_idx = default_g_idx(in_f, scheme, device)
+    scales = torch.zeros(n_groups, out_f, dtype=torch.float32, device=device)  # transposed: one row per group
     static = n_groups == 1 or act_order
     if static:
         for g in range(n_groups):
@@ -339,14 +389,14 @@ def gptq_quantize_shared(
     if not static and block_size % gsize:
         block_size = gsize * -(-block_size // gsize)
 
-    qt = torch.empty(in_f, out_f, dtype=torch.int8)
-    losses = torch.zeros(out_f, dtype=torch.float64)
+    qt = torch.empty(in_f, out_f, dtype=torch.int8, device=device)
+    losses = torch.zeros(out_f, dtype=torch.float64, device=device)
     with single_threaded():
         for i1 in range(0, in_f, block_size):
             i2 = min(i1 + block_size, in_f)
             w1 = wt[i1:i2]  # a view: updated in place
             err1 = torch.empty_like(w1)
-            rows = prepared.upper_rows(i1, i2)  # U[i1:i2, i1:]
+            rows = prepared.upper_rows(i1, i2).to(device)  # U[i1:i2, i1:]
             hinv1 = rows[:, :i2 - i1]
             diag = hinv1.diagonal()
             for i in range(i2 - i1):
@@ -364,7 +414,7 @@ def gptq_quantize_shared(
             wt[i2:].addmm_(rows[:, i2 - i1:].t(), err1, alpha=-1)
 
     q_all = (qt[torch.argsort(perm)] if act_order else qt).t()
-    scales = scales.t().to(SCALE_DTYPES[scheme.scheme])
+    scales = scales.t().to(scheme.spec.scale_dtype)
     results, start = [], 0
     for n in sizes:
         rows = slice(start, start + n)

@@ -74,6 +74,19 @@ def calibration_dtype(choice: str, reader: ShardReader) -> torch.dtype:
     return torch.bfloat16 if by_dtype and max(by_dtype, key=by_dtype.get) == torch.bfloat16 else torch.float32
 
 
+def check_not_quantized(config_path: Path) -> None:
+    """An export of this toolkit (or any quantized checkpoint) as ``--model``: one clear error."""
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QuantInputError(f"{config_path}: invalid JSON ({exc})") from None
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        raise QuantInputError(f"{config_path}: the checkpoint is already quantized (quant_method {method!r}); "
+                              "--model takes a float checkpoint")
+
+
 def load_hf_config(model_dir: Path):
     from transformers import AutoConfig
 
@@ -106,9 +119,10 @@ class DecoderSkeleton:
         self.dir = Path(model_dir)
         self.reader = reader
         self.dtype = dtype
+        where = self.dir / "config.json"
+        check_not_quantized(where)
         config = load_hf_config(self.dir)
         archs = getattr(config, "architectures", None) or []
-        where = self.dir / "config.json"
         if not any(a.endswith("ForCausalLM") for a in archs):
             raise QuantInputError(f"{where}: unsupported architecture {archs}; expected a *ForCausalLM decoder")
         config._attn_implementation = "sdpa"
@@ -138,9 +152,21 @@ class DecoderSkeleton:
         if isinstance(tied, dict) and getattr(text_config, "tie_word_embeddings", False):
             for a, b in tied.items():
                 self.aliases[a], self.aliases[b] = b, a
+        experts = [n for n, p in self.layers[0].named_parameters() if p.dim() > 2]
+        if experts:
+            raise QuantInputError(f"{where}: unsupported architecture {archs}: mixture-of-experts layers "
+                                  f"(3-D expert weights such as {self.layer_name(0)}.{experts[0]}) are not supported")
         missing = [k for k in self._layer_keys(0) if k not in reader.entries]
         if missing:
             raise QuantInputError(f"--model {self.dir}: checkpoint lacks {missing[0]} (architecture {archs})")
+        self._check_stored_tensors()
+
+    def _check_stored_tensors(self) -> None:
+        """Every stored parameter has its config's shape and a float dtype, before any work."""
+        for key, t in self.model.state_dict().items():
+            stored = key if key in self.reader.entries else self.aliases.get(key)
+            if stored in self.reader.entries:
+                self.reader.check_tensor(stored, tuple(t.shape), t.is_floating_point())
 
     @property
     def num_layers(self) -> int:

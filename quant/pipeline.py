@@ -10,6 +10,8 @@ weights of the earlier groups, and stops at the group's input (with
 group's Hessian, as llm-compressor and GPTQModel calibrate). Finally the
 layer's quantized output becomes the next layer's input, the layer's tensors
 are written to one shard per format, and the layer goes back to ``meta``.
+On a CUDA ``--device`` the layer, its Hessians and GPTQ run on the device and
+the results are offloaded before writing (:mod:`quant.device`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from torch import nn
 from tqdm import tqdm
 
 from quant.calib import calibration_samples, load_tokenizer
+from quant.checks import check_plan, check_scale_range
 from quant.checkpoint import (ShardReader, ShardWriter, StoredTensor, atomic_output_dir, check_output_dir,
                               copy_side_files)
 from quant.config import LayerScheme, QuantConfig
+from quant.device import Placement, peak_device_memory_mb, resolve_device
 from quant.errors import QuantInputError
-from quant.export import linear_tensors, quantization_config
+from quant.export import linear_tensors, quantization_config, write_format_files
 from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize_shared, layer_output_error,
                         prepare_hessian, rtn_quantize, smoothquant_scales)
 from quant.model import DecoderSkeleton, calibration_dtype, run_layer
@@ -126,6 +130,8 @@ class QuantReport:
     outputs: dict[str, Path]
     num_samples: int
     calib_dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    peak_device_mb: float | None = None  # CUDA: peak memory allocated on the device
 
     def summary(self) -> str:
         lines = [f"{'layer':>5}  {'mean rel. err':>13}  {'max rel. err':>12}  {'time s':>7}  {'peak RSS MiB':>12}"]
@@ -133,7 +139,10 @@ class QuantReport:
             lines.append(f"{s.index:>5}  {s.mean_error:>13.3e}  {s.max_error:>12.3e}  {s.seconds:>7.2f}  {s.peak_rss_mb:>12.0f}")
         lines.append(f"{'all':>5}  {'':>13}  {'':>12}  {self.seconds:>7.2f}  {self.peak_rss_mb:>12.0f}")
         lines.append("rel. err = tr(dW H dW^T) / tr(W H W^T) per linear on the calibration inputs "
-                     f"({self.num_samples} samples, forward passes in {str(self.calib_dtype).removeprefix('torch.')})")
+                     f"({self.num_samples} samples, forward passes in {str(self.calib_dtype).removeprefix('torch.')} "
+                     f"on {self.device})")
+        if self.peak_device_mb is not None:
+            lines.append(f"peak {self.device} memory: {self.peak_device_mb:.0f} MiB")
         for fmt, out in self.outputs.items():
             lines.append(f"wrote {fmt}: {out}")
         return "\n".join(lines)
@@ -149,7 +158,8 @@ class _Group:
     norm: nn.Module | None  # the module whose output is the group's input (a norm with a 1-D weight)
 
 
-def _discover_groups(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict) -> list[_Group]:
+def _discover_groups(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict,
+                     placement: Placement) -> list[_Group]:
     """Linears of ``layer`` grouped by identical input tensor, in call order."""
     calls: list[tuple[str, torch.Tensor]] = []
     produced: list[tuple[nn.Module, torch.Tensor]] = []
@@ -160,7 +170,7 @@ def _discover_groups(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs
         elif isinstance(getattr(mod, "weight", None), nn.Parameter) and mod.weight.dim() == 1:
             hooks.append(mod.register_forward_hook(lambda m, a, o: produced.append((m, o))))
     try:
-        run_layer(layer, hidden[:1].clone(), kwargs)
+        run_layer(layer, hidden[:1].to(placement.device, copy=True), kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -176,7 +186,8 @@ def _discover_groups(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs
     return [g for _, g in groups]
 
 
-def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absmax: list[bool]) -> list[tuple]:
+def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absmax: list[bool],
+                      placement: Placement) -> list[tuple]:
     """``(H, per-channel |x| max or None)`` of the input of each of ``firsts`` (in call order), from one
     forward pass per batch that stops at the input of the last of them."""
     states = [{"h": None, "n": 0, "absmax": None} for _ in firsts]
@@ -197,9 +208,9 @@ def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absma
     step = _batch_samples(layer, hidden.shape[1])
     try:
         with torch.no_grad():
-            for s in range(0, hidden.shape[0], step):
+            for _, batch in placement.batches(hidden, step):
                 with contextlib.suppress(_Stop):
-                    layer(hidden[s:s + step], **kwargs)
+                    layer(batch, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -207,26 +218,31 @@ def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absma
 
 
 def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict,
-                   schemes: dict[str, LayerScheme | None], config: QuantConfig) -> tuple[dict[str, QuantResult], dict[str, float]]:
-    """Quantize the linears of one materialised layer in place (weights become their dequantized values)."""
+                   schemes: dict[str, LayerScheme | None], config: QuantConfig,
+                   placement: Placement = Placement(torch.device("cpu")),
+                   ) -> tuple[dict[str, QuantResult], dict[str, float]]:
+    """Quantize the linears of one materialised layer in place (weights become their dequantized values).
+
+    ``layer`` and ``kwargs`` are on ``placement.device``; ``hidden`` is where ``placement`` keeps it.
+    The results stay on the device."""
     modules = dict(layer.named_modules())
     results: dict[str, QuantResult] = {}
     errors: dict[str, float] = {}
     plan = []  # (group, quantized names, SmoothQuant?) in call order
-    for group in _discover_groups(layer, prefix, hidden, kwargs):
+    for group in _discover_groups(layer, prefix, hidden, kwargs, placement):
         todo = [n for n in group.names if schemes.get(n) is not None]
         if todo:
             smooth = (config.smoothquant is not None and group.norm is not None
-                      and all(schemes[n].scheme == "w8a8" for n in todo) and len(todo) == len(group.names))
+                      and all(schemes[n].spec.act_bits is not None for n in todo) and len(todo) == len(group.names))
             plan.append((group, todo, smooth))
     first = [modules[todo[0][len(prefix) + 1:]] for _, todo, _ in plan]
     # Not true-sequential: every group's statistics from one pass over the unquantized layer.
     one_pass = not config.true_sequential and plan
-    stats = _group_statistics(layer, first, hidden, kwargs, [p[2] for p in plan]) if one_pass else None
+    stats = _group_statistics(layer, first, hidden, kwargs, [p[2] for p in plan], placement) if one_pass else None
     for index, (group, todo, smooth) in enumerate(plan):
         linears = {n: modules[n[len(prefix) + 1:]] for n in todo}
         if stats is None:  # true-sequential: the earlier groups of this layer are quantized already
-            h, absmax = _group_statistics(layer, [first[index]], hidden, kwargs, [smooth])[0]
+            h, absmax = _group_statistics(layer, [first[index]], hidden, kwargs, [smooth], placement)[0]
         else:
             (h, absmax), stats[index] = stats[index], None
         if smooth:
@@ -238,11 +254,12 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
             h = h / s.unsqueeze(1) / s.unsqueeze(0)
         if config.method == "gptq":
             try:  # one inverse Hessian for every linear of the group
-                prepared = prepare_hessian(h, config.damp_percent, config.act_order, config.max_damp_retries)
+                prepared = prepare_hessian(h, config.damp_percent, config.act_order, config.max_damp_retries,
+                                           lapack=placement.lapack)
             except HessianError as exc:
                 raise HessianError(f"{', '.join(todo)}: {exc}") from None
             # Only the errors below need H again: out of memory while the inverse and GPTQ run.
-            spilled = _SpilledTensor(h)
+            spilled = _SpilledTensor(h) if placement.spill_hessian else h
             del h
             by_scheme: dict[LayerScheme, list[str]] = {}
             for name in todo:
@@ -253,7 +270,8 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                                             prepared=prepared, clip_ratios=config.clip_ratios)
                 results.update(zip(names, outs))
             del prepared, outs
-            h = spilled.load()
+            h = spilled.load() if placement.spill_hessian else spilled
+            del spilled
         else:
             results.update((name, rtn_quantize(linears[name].weight, schemes[name])) for name in todo)
         for name in todo:
@@ -275,7 +293,7 @@ def _layer_export(fmt: str, skeleton: DecoderSkeleton, i: int, layer: nn.Module,
         full = f"{prefix}.{key}"
         if full in quantized_weights or full not in skeleton.reader.entries:
             continue
-        out[full] = value.to(skeleton.source_dtype(full))
+        out[full] = value.to(device="cpu", dtype=skeleton.source_dtype(full))
     for name, res in results.items():
         out.update(linear_tensors(fmt, name, res, config.act_order))
     return out
@@ -287,24 +305,28 @@ def plan_schemes(skeleton: DecoderSkeleton, config: QuantConfig) -> dict[str, La
     for i in range(skeleton.num_layers):
         for name, lin in skeleton.layer_linears(i).items():
             s = config.scheme_for(name)
-            if s is not None and s.scheme == "w4a16" and s.group_size != -1 and lin.in_features % s.group_size:
+            if s is not None and s.spec.grouped and s.group_size != -1 and lin.in_features % s.group_size:
                 flag = "--group-size" if s == config.default_scheme else "--override"
                 raise QuantInputError(f"{flag} {s.group_size} does not divide the input size {lin.in_features} of {name}")
-            if s is not None and s.scheme == "w4a16" and lin.in_features % 8:
-                raise QuantInputError(f"{name}: input size {lin.in_features} is not a multiple of 8 (int4 packing)")
+            if s is not None and lin.in_features % s.spec.pack_factor:
+                raise QuantInputError(f"{name}: input size {lin.in_features} is not a multiple of "
+                                      f"{s.spec.pack_factor} (int{s.bits} packing)")
             schemes[name] = s
     if config.format == "gptq" and any(s is None for s in schemes.values()):
         raise QuantInputError("--format gptq cannot leave decoder-layer linears unquantized (--ignore)")
+    check_plan(config, schemes, [*schemes, *skeleton.non_layer_linears()],
+               getattr(skeleton.config.get_text_config(), "max_position_embeddings", None))
     return schemes
 
 
 def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | Path, config: QuantConfig,
                         calib: str | Path | None = None, *, force: bool = False, progress: bool = True,
-                        samples: torch.Tensor | None = None) -> QuantReport:
+                        samples: torch.Tensor | None = None, placement: Placement | None = None) -> QuantReport:
     """Quantize ``model_dir`` once and write one export per format.
 
     ``outputs`` maps format -> directory, or is one directory for ``config.format``.
     ``samples`` (int64 ``[n, seqlen]``) replaces tokenizing ``calib``.
+    ``placement`` replaces the one ``config.device`` gives (tests force the device branches on the CPU).
     """
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -313,6 +335,7 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
     outputs = {fmt: Path(p) for fmt, p in outputs.items()}
     for fmt in outputs:
         config.replace(format=fmt)  # validates the scheme/format pairing
+    device = placement.device if placement is not None else resolve_device(config.device)
     reader = ShardReader(model_dir)
     for out in outputs.values():
         check_output_dir(out, model_dir, force)
@@ -333,16 +356,22 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
         _mmap_large_allocations()
         with reader.open():
             hidden, layer_kwargs = skeleton.capture_layer_inputs(samples)
+            if placement is None:
+                placement = Placement.for_run(device, hidden.numel() * hidden.element_size())
+            hidden = placement.place_activations(hidden)
             bar = tqdm(range(skeleton.num_layers), desc="quantize", unit="layer", disable=not progress)
             for i in bar:
                 t_layer = time.perf_counter()
-                layer = skeleton.load_layer(i)
-                kwargs = layer_kwargs[i]
-                results, errors = quantize_layer(layer, skeleton.layer_name(i), hidden, kwargs, schemes, config)
+                layer = placement.onload(skeleton.load_layer(i))
+                check_scale_range(skeleton.layer_linears(i), schemes, reader)
+                kwargs = placement.onload(layer_kwargs[i])
+                results, errors = quantize_layer(layer, skeleton.layer_name(i), hidden, kwargs, schemes, config,
+                                                 placement)
+                results = {name: res.to("cpu") for name, res in results.items()}  # offload for writing
                 for fmt, writer in writers.items():
                     writer.write_shard(_layer_export(fmt, skeleton, i, layer, results, config))
                 del results
-                hidden = _propagate(layer, hidden, kwargs)
+                hidden = _propagate(layer, hidden, kwargs, placement)
                 skeleton.unload_layer(i)
                 _release_freed_memory()
                 stats.append(LayerStats(i, time.perf_counter() - t_layer, peak_rss_mb(), errors))
@@ -358,14 +387,16 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
             cfg["quantization_config"] = quantization_config(fmt, config, schemes, non_layer_linears)
             (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             copy_side_files(model_dir, d)
-    return QuantReport(stats, time.perf_counter() - t0, peak_rss_mb(), outputs, int(samples.shape[0]), skeleton.dtype)
+            write_format_files(fmt, d, cfg["quantization_config"])
+    return QuantReport(stats, time.perf_counter() - t0, peak_rss_mb(), outputs, int(samples.shape[0]), skeleton.dtype,
+                       str(device), peak_device_memory_mb(device))
 
 
-def _propagate(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """The layer's (quantized) output on every sample, written over its input."""
+def _propagate(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, placement: Placement) -> torch.Tensor:
+    """The layer's (quantized) output on every sample, written over its input (where ``placement`` keeps it)."""
     step = _batch_samples(layer, hidden.shape[1])
     with torch.no_grad():
-        for s in range(0, hidden.shape[0], step):
-            y = layer(hidden[s:s + step], **kwargs)
-            hidden[s:s + step] = y[0] if isinstance(y, tuple) else y
+        for rows, batch in placement.batches(hidden, step):
+            y = layer(batch, **kwargs)
+            hidden[rows] = (y[0] if isinstance(y, tuple) else y).to(hidden.device)
     return hidden

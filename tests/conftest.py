@@ -72,3 +72,40 @@ def vllm_single_process():
                                          distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
         ensure_model_parallel_initialized(1, 1)
     yield
+
+
+@pytest.fixture(scope="session")
+def cli_process():
+    """``cli_process(argv, fsize_limit=None, pause_s=None) -> subprocess.Popen``: ``python -m
+    vllm_plugins.cli ARGV`` (or ``python -m quant`` when ``argv[0] == "quant"``) in a subprocess
+    with this checkout first on the path, stdout and stderr piped (text).
+
+    ``fsize_limit``: RLIMIT_FSIZE in bytes, with SIGXFSZ ignored, so writing beyond it fails with
+    ``EFBIG`` as a full disk fails with ``ENOSPC``. ``pause_s``: the export pauses that long once
+    complete, before it is published (:data:`quant.outdir.PAUSE_ENV`), and says so on stderr."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from quant.outdir import PAUSE_ENV
+
+    def start(argv: list[str], fsize_limit: int | None = None, pause_s: float | None = None):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+               "OMP_NUM_THREADS": "1"}
+        if pause_s is not None:
+            env[PAUSE_ENV] = str(pause_s)
+
+        def setup():
+            # A suite started in the background (`cmd &`) inherits an ignored SIGINT: Python would
+            # keep ignoring it instead of raising KeyboardInterrupt.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if fsize_limit is not None:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
+
+        module = ["-m", "quant", *argv[1:]] if argv[:1] == ["quant"] else ["-m", "vllm_plugins.cli", *argv]
+        return subprocess.Popen([sys.executable, *module], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, preexec_fn=setup)
+
+    return start

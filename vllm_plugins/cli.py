@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from quant.errors import CLIError  # noqa: F401  (re-exported: the shared user-error type)
+from quant.errors import CLIError, run_command  # noqa: F401  (CLIError re-exported: the shared user-error type)
 
 # Modules that contribute subcommands, in help order.
 SUBCOMMAND_MODULES: list[str] = [
@@ -41,11 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2
-    try:
-        return int(args.func(args) or 0)
-    except CLIError as exc:
-        print(f"vllm-plugins {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(f"vllm-plugins {args.command}", args.func, args)
 
 
 if __name__ == "__main__":

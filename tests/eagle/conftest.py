@@ -39,15 +39,120 @@ def llama_drafter(llama_target, synthetic_text, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vlm_target(tmp_path_factory) -> Path:
+def vlm_target(tmp_path_factory, image_conversations) -> Path:
+    """The tiny LLaVA-style VLM, briefly trained to answer from its image
+    (the colours of a box and its field): its answers depend on the image
+    and are regular enough for a drafter to learn."""
     from models.tiny_vlm import build_tiny_llava
 
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny-vlm"))
+    path = build_tiny_llava(tmp_path_factory.mktemp("tiny-vlm"))
+    _fit_vlm(path, image_conversations, steps=VLM_TARGET_STEPS)
+    return path
+
+
+VLM_TARGET_STEPS = 300
+
+
+def _fit_vlm(path: Path, data: Path, steps: int, batch_size: int = 16) -> None:
+    """Teacher-forced training on the jsonl's answers, prompts laid out as
+    served (chat template, 16 placeholders); saved in place."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from eagle.mm_data import load_image, read_conversations
+    from eagle.vlm_inputs import VLMInputs
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    vlm = VLMInputs(model, path)
+    rows = []
+    for conv in read_conversations(data):
+        pixels, n = vlm.pixels(load_image(data, conv))
+        prompt, _ = vlm.prompt_ids(tokenizer, conv.prompt, n, "test data")
+        answer = tokenizer(conv.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt + answer, len(prompt), pixels["pixel_values"]))
+    width = max(len(r[0]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    attn = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (seq, plen, _) in enumerate(rows):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, plen: len(seq)] = torch.tensor(seq[plen:])
+        attn[i, : len(seq)] = 1
+    pixels = torch.cat([r[2] for r in rows])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        pick = torch.randint(0, len(rows), (batch_size,), generator=gen)
+        loss = model(input_ids=ids[pick], pixel_values=pixels[pick], attention_mask=attn[pick],
+                     labels=labels[pick]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    config = json.loads((path / "config.json").read_text())
+    model.eval().save_pretrained(path)
+    saved = json.loads((path / "config.json").read_text())
+    saved["architectures"] = config["architectures"]  # vLLM must keep picking the tiny VLM class
+    (path / "config.json").write_text(json.dumps(saved, indent=2))
+
+
+QUESTIONS = ["Tell me a story.", "What is in the image?", "Describe the picture."]
+PALETTE = {"red": (200, 30, 60), "green": (20, 180, 90), "yellow": (250, 250, 10),
+           "blue": (30, 60, 220), "white": (245, 245, 245), "black": (15, 15, 15)}
+
+
+def write_image_conversations(root: Path, n: int, seed: int = 0, size: int = 32) -> Path:
+    """``root/train.jsonl`` in the LLaVA format with ``n`` PNG images under
+    ``root/img``: a field of one colour with a box of another (and, half of
+    the time, the diagonal dots of the serve test's images); the answer names
+    both colours."""
+    import json
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        field, box = rng.sample(sorted(PALETTE), 2)
+        img = Image.new("RGB", (size, size), PALETTE[field])
+        x, y = rng.randrange(size // 2), rng.randrange(size // 2)
+        ImageDraw.Draw(img).rectangle([x, y, x + size // 3, y + size // 3], fill=PALETTE[box])
+        if rng.random() < 0.5:
+            for d in range(0, size, 4):
+                img.putpixel((d, d), (0, 0, 0))
+        img.save(root / "img" / f"{i}.png")
+        answer = (f"The box is {box} and the field is {field}. "
+                  f"Tom saw the {box} box in the {field} field and he was happy.")
+        rows.append({"image": f"img/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\n" + rng.choice(QUESTIONS)},
+            {"from": "gpt", "value": answer},
+        ]})
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 @pytest.fixture(scope="session")
-def vlm_drafter(vlm_target, synthetic_text, tmp_path_factory) -> Path:
-    return _train(vlm_target, synthetic_text, tmp_path_factory.mktemp("vlm-draft") / "d")
+def image_conversations(tmp_path_factory) -> Path:
+    return write_image_conversations(tmp_path_factory.mktemp("image-data"), 128)
+
+
+@pytest.fixture(scope="session")
+def vlm_drafter(vlm_target, image_conversations, tmp_path_factory) -> Path:
+    """Trained on the tiny VLM's own image-conditioned answers, long enough
+    for the serve test to accept a good share of its drafts."""
+    return _train(vlm_target, image_conversations, tmp_path_factory.mktemp("vlm-draft") / "d",
+                  steps=VLM_DRAFTER_STEPS, seq_len=48, batch_size=8, self_distill_sequences=128,
+                  draft_vocab_size=None)
+
+
+VLM_DRAFTER_STEPS = 300
 
 
 @pytest.fixture(scope="session")

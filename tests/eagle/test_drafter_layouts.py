@@ -101,3 +101,37 @@ def test_same_draft_logits_across_layouts(loaded, written, source):
     for layout in LAYOUTS:
         for a, b in zip(outputs[layout], outputs["specforge"]):
             assert torch.equal(a, b), layout
+
+
+@pytest.fixture(scope="module")
+def full_vocab_drafter(llama_target, synthetic_text, tmp_path_factory):
+    from eagle.train import TrainDrafterConfig, train_drafter
+
+    return train_drafter(TrainDrafterConfig(
+        target=llama_target, data=synthetic_text, out=tmp_path_factory.mktemp("full-vocab") / "d",
+        steps=2, seq_len=64, batch_size=4, draft_vocab_size=512, self_distill_sequences=0,
+        progress=False))
+
+
+def test_full_vocab_export_loads_in_the_stock_class(full_vocab_drafter, llama_target, vllm_drafter,
+                                                    raw_tensors):
+    """vLLM's stock ``Eagle3LlamaForCausalLM`` has no ``draft_id_to_target_id``
+    when ``draft_vocab_size`` equals the vocabulary: the export must not
+    write ``d2t`` (it did, all zeros, and the stock class refused it)."""
+    from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
+
+    from eagle.drafter import Eagle3MultimodalLlamaForCausalLM
+
+    _, cfg, state = read_drafter(full_vocab_drafter)
+    assert cfg["draft_vocab_size"] == cfg["vocab_size"] == 512
+    hidden = torch.randn(3, cfg["hidden_size"])
+    for cls in (Eagle3LlamaForCausalLM, Eagle3MultimodalLlamaForCausalLM):
+        model, _, params = vllm_drafter(llama_target, full_vocab_drafter, cls=cls)
+        assert model.draft_id_to_target_id is None
+        assert torch.equal(params["lm_head.weight"][:512], state["lm_head.weight"])
+        with torch.no_grad():
+            logits = model.compute_logits(hidden)
+        # Every target id is a draft candidate: the trained lm_head, no -inf.
+        torch.testing.assert_close(logits[:, :512], hidden @ state["lm_head.weight"].t(),
+                                   rtol=1e-5, atol=1e-5)
+    assert not {"d2t", "t2d"} & set(raw_tensors(full_vocab_drafter))

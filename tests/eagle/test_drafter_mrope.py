@@ -74,3 +74,16 @@ def test_mrope_rotation_matches_reference(mrope_drafter):
     half = dim // 2
     assert diff[: SECTION[0]].max() == 0 and diff[half: half + SECTION[0]].max() == 0
     assert diff[SECTION[0]: half].max() > 1e-3
+
+
+def test_torch_drafter_mrope_matches_reference(mrope_drafter):
+    """The training-side rotation (``eagle.torch_drafter.rope`` with
+    ``[3, B, T]`` positions) equals the same float64 reference, hence vLLM's."""
+    _, cfg = mrope_drafter
+    heads, dim, t = cfg["num_attention_heads"], cfg["head_dim"], 6
+    torch.manual_seed(1)
+    q = torch.randn(1, t, heads, dim)
+    positions = torch.stack([torch.arange(t), torch.arange(t) % 2 + 4, torch.arange(t).flip(0)])
+    got = rope(q, positions[:, None], cfg["rope_theta"], SECTION)[0]
+    torch.testing.assert_close(got.double(), _mrope_reference(q[0], positions, cfg["rope_theta"]),
+                               rtol=1e-5, atol=1e-5)

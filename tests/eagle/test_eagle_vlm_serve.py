@@ -1,6 +1,9 @@
 """End to end: the tiny VLM served with the multimodal drafter (eagle3, K=3)
 through ``vllm serve``; images go through the OpenAI chat API. Greedy
-outputs must equal the Hugging Face target's own greedy decoding."""
+outputs must equal the Hugging Face target's own greedy decoding, with a
+drafter (trained by ``train-drafter`` on image conversations) that gets more
+than 30% of its draft tokens accepted, so the lossless check covers accepted
+drafts; and ``train-drafter`` lays out its prompts exactly as the server does."""
 
 from __future__ import annotations
 
@@ -55,11 +58,17 @@ def _chat(server, img, text, max_tokens=12):
     return r.json()
 
 
-def _hf_greedy(target, prompt_ids, img, max_tokens):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+@pytest.fixture(scope="module")
+def hf_model(vlm_target):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(vlm_target, dtype=torch.float32).eval()
+
+
+def _hf_greedy(target, model, prompt_ids, img, max_tokens):
+    from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(target)
-    model = LlavaForConditionalGeneration.from_pretrained(target, dtype=torch.float32).eval()
     pixels = proc.image_processor(images=img, return_tensors="pt")["pixel_values"]
     ids = torch.tensor([prompt_ids])
     out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
@@ -68,20 +77,36 @@ def _hf_greedy(target, prompt_ids, img, max_tokens):
 
 
 @pytest.mark.parametrize("color", COLORS)
-def test_vlm_chat_with_image_is_lossless(server, vlm_target, color):
+def test_vlm_chat_with_image_is_lossless(server, vlm_target, hf_model, color):
     img = _image(color)
-    out = _chat(server, img, "Tell me a story.")
+    out = _chat(server, img, "Tell me a story.", max_tokens=24)
     prompt_ids = out["prompt_token_ids"]
     image_token = json.loads((vlm_target / "config.json").read_text())["image_token_index"]
     assert prompt_ids.count(image_token) == 16, "the image did not reach the prompt"
     got = out["choices"][0]["token_ids"]
-    assert got == _hf_greedy(vlm_target, prompt_ids, img, len(got))
+    assert got == _hf_greedy(vlm_target, hf_model, prompt_ids, img, len(got))
+
+
+def test_training_prompt_is_the_served_prompt(server, vlm_target, hf_model):
+    from transformers import AutoTokenizer
+
+    from eagle.vlm_inputs import VLMInputs
+
+    out = _chat(server, _image(COLORS[0]), "Tell me a story.", max_tokens=1)
+    tokenizer = AutoTokenizer.from_pretrained(vlm_target)
+    ids, _ = VLMInputs(hf_model, vlm_target).prompt_ids(tokenizer, "<image>\nTell me a story.", 16, "test")
+    assert ids == out["prompt_token_ids"]
 
 
 def test_vlm_drafts_were_proposed(server):
     # vLLM logs this when a drafter cannot take the target's image embeddings.
     assert "does not support external multimodal embeddings" not in server.log()
     text = requests.get(server.url("/metrics"), timeout=30).text
-    drafts = [float(line.split()[-1]) for line in text.splitlines()
-              if line.startswith("vllm:spec_decode_num_drafts_total")]
-    assert drafts and sum(drafts) > 0, "no spec-decode drafts were made"
+    def counter(name):
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(f"vllm:spec_decode_{name}_total"))
+
+    assert counter("num_drafts") > 0, "no spec-decode drafts were made"
+    rate = counter("num_accepted_tokens") / counter("num_draft_tokens")
+    print(f"draft tokens accepted: {rate:.1%}")
+    assert rate > 0.3, f"only {rate:.1%} of the draft tokens were accepted"

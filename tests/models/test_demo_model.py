@@ -37,9 +37,14 @@ def test_training_lowers_heldout_loss(tmp_path):
 def test_existing_output_is_refused(tmp_path, capsys):
     out = tmp_path / "exists"
     out.mkdir()
+    (out / "keep.txt").write_text("mine")
     assert main(["demo-model", "--out", str(out), "--steps", "0"]) == 2
     assert f"--out {out} already exists" in capsys.readouterr().err
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    empty = tmp_path / "empty"  # an empty directory is taken over, as by every command
+    empty.mkdir()
+    assert main(["demo-model", "--out", str(empty), "--steps", "0"]) == 0
+    assert (empty / "model.safetensors").is_file()
 
 
 def test_bad_config_is_one_error(tmp_path, capsys):

@@ -219,3 +219,32 @@ def test_vllm_kernel_choice_includes_cpu_int4(vllm_tp1):
     assert chosen(torch.float32) == "TorchInt4CPULinearKernel"
     assert chosen(torch.bfloat16) == ("CPUWNA16LinearKernel" if cpu_gemm_wna16_available()
                                       else _best_cpu_int4(torch.bfloat16))
+
+
+def test_w4a16_fallback_reason_is_whole(vllm_tp1):
+    """Row 19: stories260K's gate_up_proj (64 -> 2 x 172) logged why no kernel takes it cut
+    mid-word ("...cannot implement due to: bfloa)"); the reason is vLLM's whole message."""
+    from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
+    from vllm.scalar_type import scalar_types
+
+    _, _, method = _run("merged", 64, [172, 172], {"scheme": "w4a16", "group_size": 32}, torch.float32)
+    with pytest.raises(ValueError) as info:
+        choose_mp_linear_kernel(MPLinearLayerConfig(
+            full_weight_shape=(64, 344), partition_weight_shape=(64, 344), weight_type=scalar_types.uint4b8,
+            act_type=torch.float32, group_size=32, zero_points=False))
+    expected = " ".join(str(info.value).split())
+    assert len(expected) > 300  # longer than the old cut
+    assert method.kernel is None and method.fallback_reason == expected
+
+
+def test_readme_float32_claim_matches_vllm():
+    """Row 22: the README said in-tree gptq layers run the plugin's kernels for float32
+    activations; vLLM refuses float32 for gptq checkpoints before any kernel is picked."""
+    from pathlib import Path
+
+    from vllm.model_executor.layers.quantization import get_quantization_config
+
+    assert torch.float32 not in get_quantization_config("gptq").get_supported_act_dtypes()
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    assert "vLLM rejects `--dtype float32` for any `gptq` checkpoint before it picks a kernel" in readme
+    assert "vLLM's in-tree `gptq` and compressed-tensors W4A16 layers use them too" not in readme

@@ -285,3 +285,20 @@ def greedy_gaps(model, prompts: list[list[int]], generated: list[list[int]]) -> 
             chosen = logits.gather(1, torch.tensor(gen).unsqueeze(1))[:, 0]
             gaps.extend((logits.max(dim=1).values - chosen).tolist())
     return gaps
+
+
+def test_plugin_reads_the_scheme_table():
+    """Every scheme of quant.schemes the native format holds has a serving kernel, and the schema's
+    validation follows the table (group sizes, per-channel schemes)."""
+    from quant.schemes import SCHEMES as TABLE
+    from vllm_plugins.quantization.config import LINEAR_METHODS
+    from vllm_plugins.quantization.schema import SCHEMES
+
+    native = {s.formats["native"] for s in TABLE.values() if "native" in s.formats}
+    assert set(SCHEMES) == native == set(LINEAR_METHODS)
+    for spec in TABLE.values():
+        for g in spec.group_sizes:
+            assert LayerScheme(spec.name, g).spec is spec
+        if not spec.grouped:
+            with pytest.raises(QuantConfigError, match="per-channel"):
+                LayerScheme(spec.name, 128)

@@ -19,9 +19,17 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
+from models.hf_registration import import_target
 from vllm_plugins.quantization.schema import QUANT_METHOD, LayerScheme, NativeQuantConfig, QuantConfigError
 
 logger = init_logger("vllm.plugins.vllm_plugins.quantization")
+
+# The serving kernel of each scheme of quant.schemes the native format holds: "module:Class" of a
+# KernelLinearMethod, imported when a layer first needs it. Adding a scheme: its table entry plus this line.
+LINEAR_METHODS = {
+    "w4a16": "vllm_plugins.quantization.w4a16:W4A16LinearMethod",
+    "w8a8": "vllm_plugins.quantization.w8a8:W8A8LinearMethod",
+}
 
 
 class VllmPluginsQuantConfig(QuantizationConfig):
@@ -88,7 +96,7 @@ class VllmPluginsQuantConfig(QuantizationConfig):
         schemes = {n: self.native.layer(n) for n in names}
         if len(set(schemes.values())) > 1:
             detail = ", ".join(f"{n}: {s.scheme if s else 'unquantized'}"
-                               + (f"/g{s.group_size}" if s and s.scheme == "w4a16" else "")
+                               + (f"/g{s.group_size}" if s and s.spec.grouped else "")
                                for n, s in schemes.items())
             raise QuantConfigError(
                 f"vLLM fuses {names} into {prefix}, so they must be quantized alike; got {detail}")
@@ -106,13 +114,7 @@ class VllmPluginsQuantConfig(QuantizationConfig):
         scheme = self.layer_scheme(prefix)
         if scheme is None:
             return UnquantizedLinearMethod()
-        if scheme.scheme == "w4a16":
-            from vllm_plugins.quantization.w4a16 import W4A16LinearMethod
-
-            return W4A16LinearMethod(self, scheme, prefix)
-        from vllm_plugins.quantization.w8a8 import W8A8LinearMethod
-
-        return W8A8LinearMethod(self, prefix)
+        return import_target(LINEAR_METHODS[scheme.scheme])(self, scheme, prefix)
 
     def note_fallback(self, prefix: str, reason: str) -> None:
         """Record a layer on the torch fallback; logged once per model."""

@@ -7,8 +7,9 @@ from vllm.model_executor.layers.linear import LinearMethodBase
 
 
 class KernelLinearMethod(LinearMethodBase):
-    def __init__(self, quant_config, prefix: str) -> None:
+    def __init__(self, quant_config, scheme, prefix: str) -> None:
         self.quant_config = quant_config
+        self.scheme = scheme  # schema.LayerScheme
         self.prefix = prefix
         self.kernel = None
         self.fallback_reason: str | None = None

@@ -1,9 +1,9 @@
 """The ``native`` checkpoint's ``quantization_config``, validated (format version 1).
 
-Pure Python, no vLLM import: the toolkit (``quant/``) and the serving side
-read the same object, and it is the single source of defaults. Layout of the
-tensors is described in the project briefing and in
-:mod:`vllm_plugins.quantization.packing`.
+No vLLM import; the single source of the format's defaults. What each
+scheme is (grid, group sizes, act-order) comes from :mod:`quant.schemes`,
+the table the toolkit reads too. Layout of the tensors is described in the
+project briefing and in :mod:`vllm_plugins.quantization.packing`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from quant.schemes import SCHEMES as SCHEME_TABLE
+from quant.schemes import Scheme
+
 QUANT_METHOD = "vllm_plugins"
 FORMAT_VERSION = 1
-SCHEMES = ("w4a16", "w8a8")
-GROUP_SIZES = (32, 64, 128, -1)
+# How this format names each scheme it holds (``scheme`` and ``overrides.*.scheme``).
+SCHEMES = tuple(s.formats["native"] for s in SCHEME_TABLE.values() if "native" in s.formats)
+_BY_NATIVE_NAME = {s.formats["native"]: s for s in SCHEME_TABLE.values() if "native" in s.formats}
 
 DEFAULT_SCHEME = "w4a16"
 DEFAULT_GROUP_SIZE = 128
@@ -23,7 +27,8 @@ DEFAULT_ACT_ORDER = False
 
 _TOP_KEYS = {"quant_method", "format_version", "scheme", "group_size", "act_order", "ignore", "overrides"}
 _OVERRIDE_KEYS = {"scheme", "group_size", "act_order"}
-_W4A16_ONLY = ("group_size", "act_order")
+_GROUPED_ONLY = ("group_size", "act_order")  # settings of grouped schemes
+_GROUPED = tuple(n for n, s in _BY_NATIVE_NAME.items() if s.grouped)
 
 
 class QuantConfigError(ValueError):
@@ -35,19 +40,26 @@ class LayerScheme:
     """How one linear layer is quantized."""
 
     scheme: str
-    group_size: int = -1  # w4a16 only
-    act_order: bool = False  # w4a16 only
+    group_size: int = -1  # grouped schemes only
+    act_order: bool = False  # schemes with act-order only
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise QuantConfigError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
-        if self.scheme == "w4a16":
-            if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
-                raise QuantConfigError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+        spec = self.spec
+        if spec.grouped:
+            if isinstance(self.group_size, bool) or self.group_size not in spec.group_sizes:
+                raise QuantConfigError(f"group_size must be one of {spec.group_sizes}, got {self.group_size!r}")
             if not isinstance(self.act_order, bool):
                 raise QuantConfigError(f"act_order must be true or false, got {self.act_order!r}")
+            if self.act_order and not spec.act_order:
+                raise QuantConfigError(f"{self.scheme} takes no act_order")
         elif (self.group_size, self.act_order) != (-1, False):
-            raise QuantConfigError("w8a8 is per-channel: it takes no group_size and no act_order")
+            raise QuantConfigError(f"{self.scheme} is per-channel: it takes no group_size and no act_order")
+
+    @property
+    def spec(self) -> Scheme:
+        return _BY_NATIVE_NAME[self.scheme]
 
 
 @dataclass(frozen=True)
@@ -68,8 +80,8 @@ class NativeQuantConfig:
 
     @property
     def default_layer(self) -> LayerScheme:
-        if self.scheme == "w8a8":
-            return LayerScheme("w8a8")
+        if self.scheme in _BY_NATIVE_NAME and not _BY_NATIVE_NAME[self.scheme].grouped:
+            return LayerScheme(self.scheme)
         return LayerScheme(self.scheme, self.group_size, self.act_order)
 
     def layer(self, name: str) -> LayerScheme | None:
@@ -102,11 +114,13 @@ class NativeQuantConfig:
         overrides_raw = cfg.get("overrides", {}) or {}
         if not isinstance(overrides_raw, Mapping):
             raise QuantConfigError("overrides must be an object: module name -> settings")
-        if scheme == "w8a8" and any(k in cfg for k in _W4A16_ONLY):
-            uses_w4 = any(isinstance(o, Mapping) and o.get("scheme", scheme) == "w4a16" for o in overrides_raw.values())
-            if not uses_w4:
+        if scheme in _BY_NATIVE_NAME and not _BY_NATIVE_NAME[scheme].grouped and any(k in cfg for k in _GROUPED_ONLY):
+            uses_grouped = any(isinstance(o, Mapping) and o.get("scheme", scheme) in _GROUPED
+                               for o in overrides_raw.values())
+            if not uses_grouped:
                 raise QuantConfigError(
-                    "group_size/act_order are w4a16 settings, but scheme is w8a8 and no override uses w4a16")
+                    f"group_size/act_order are settings of {'/'.join(_GROUPED)}, but scheme is {scheme} "
+                    "and no override uses one")
         base = {
             "scheme": scheme,
             "group_size": cfg.get("group_size", DEFAULT_GROUP_SIZE),
@@ -114,7 +128,8 @@ class NativeQuantConfig:
         }
         if scheme not in SCHEMES:
             raise QuantConfigError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-        LayerScheme("w4a16", base["group_size"], base["act_order"])  # validate the w4a16 defaults
+        for grouped in _GROUPED:  # validate the defaults of grouped overrides
+            LayerScheme(grouped, base["group_size"], base["act_order"])
         overrides = {}
         for name, o in overrides_raw.items():
             if not isinstance(o, Mapping):
@@ -124,10 +139,11 @@ class NativeQuantConfig:
                 raise QuantConfigError(f"override for {name!r}: unknown keys {unknown}; allowed: {sorted(_OVERRIDE_KEYS)}")
             layer_scheme = o.get("scheme", scheme)
             try:
-                if layer_scheme == "w8a8":
-                    if any(k in o for k in _W4A16_ONLY):
-                        raise QuantConfigError("w8a8 is per-channel: it takes no group_size and no act_order")
-                    overrides[name] = LayerScheme("w8a8")
+                if layer_scheme in SCHEMES and layer_scheme not in _GROUPED:
+                    if any(k in o for k in _GROUPED_ONLY):
+                        raise QuantConfigError(
+                            f"{layer_scheme} is per-channel: it takes no group_size and no act_order")
+                    overrides[name] = LayerScheme(layer_scheme)
                 else:
                     overrides[name] = LayerScheme(
                         layer_scheme, o.get("group_size", base["group_size"]), o.get("act_order", base["act_order"]))
@@ -140,13 +156,13 @@ class NativeQuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "scheme": self.scheme}
-        if self.scheme == "w4a16" or any(s.scheme == "w4a16" for s in self.overrides.values()):
+        if self.scheme in _GROUPED or any(s.scheme in _GROUPED for s in self.overrides.values()):
             out.update(group_size=self.group_size, act_order=self.act_order)
         out["ignore"] = list(self.ignore)
         if self.overrides:
             out["overrides"] = {
-                n: ({"scheme": "w8a8"} if s.scheme == "w8a8"
-                    else {"scheme": "w4a16", "group_size": s.group_size, "act_order": s.act_order})
+                n: ({"scheme": s.scheme, "group_size": s.group_size, "act_order": s.act_order}
+                    if s.scheme in _GROUPED else {"scheme": s.scheme})
                 for n, s in self.overrides.items()
             }
         return out

@@ -71,9 +71,7 @@ def _sorted_groups(g_idx: torch.Tensor, group_size: int):
 
 @register_weight_loader_v2_supported_method
 class W4A16LinearMethod(KernelLinearMethod):
-    def __init__(self, quant_config, scheme: LayerScheme, prefix: str) -> None:
-        super().__init__(quant_config, prefix)
-        self.scheme = scheme
+    scheme: LayerScheme
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
                        output_size, params_dtype, **extra_weight_attrs) -> None:
@@ -125,7 +123,7 @@ class W4A16LinearMethod(KernelLinearMethod):
         try:
             kernel_type = choose_mp_linear_kernel(config)
         except ValueError as exc:
-            return " ".join(str(exc).split())[:300]
+            return " ".join(str(exc).split())  # whole: the reason of every kernel, never cut mid-word
         if kernel_type.__name__ in ("CPUWNA16LinearKernel", "TorchInt4CPULinearKernel"):
             # On CPU this method prefers the plugin's int4 kernels: they decode
             # faster than CPUWNA16 at batch 1 and 16 (scripts/bench_decode.py),

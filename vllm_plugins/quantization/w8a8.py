@@ -45,7 +45,7 @@ class W8A8LinearMethod(KernelLinearMethod):
         try:
             kernel_type = choose_scaled_mm_linear_kernel(config, _POSSIBLE_INT8_KERNELS, quantization="int8_w8a8")
         except ValueError as exc:
-            self.fallback_reason = " ".join(str(exc).split())[:300]
+            self.fallback_reason = " ".join(str(exc).split())  # whole, never cut mid-word
             self.quant_config.note_fallback(self.prefix, self.fallback_reason)
             return
         self.kernel = kernel_type(config, layer_param_names=PARAM_NAMES)
