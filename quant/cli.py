@@ -42,10 +42,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=d["device"], metavar="|".join(DEVICES),
                    help="where layers are calibrated and GPTQ runs; auto: CUDA when available, else the CPU "
                         f"(default {d['device']})")
-    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
-                   default=d["true_sequential"],
-                   help="take every input group's Hessian from one pass over the unquantized layer (fewer "
-                        "forward passes) instead of true-sequential order inside each layer")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=d["true_sequential"],
+                   help="true-sequential order inside each layer (each input group's Hessian from a pass through "
+                        "the already-quantized earlier groups); --no-true-sequential takes every Hessian of a layer "
+                        f"from one pass over the unquantized layer (fewer forward passes; default {d['true_sequential']})")
+    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=d["clip_search"],
+                   help="gptq: search each group's scale among ratio x amax (1.0 down to --clip-min-ratio, steps of "
+                        f"0.01) for the least diag(H)-weighted rounding error (default {d['clip_search']})")
+    p.add_argument("--clip-min-ratio", type=float, default=d["clip_min_ratio"],
+                   help=f"smallest clipping ratio searched (default {d['clip_min_ratio']})")
     p.add_argument("--smoothquant", type=float, default=d["smoothquant"], metavar="ALPHA",
                    help=f"{'/'.join(names(lambda s: s.act_bits is not None))}: SmoothQuant with this alpha, "
                         "folded into the preceding norms")
@@ -66,19 +71,22 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         act_order=args.act_order, damp_percent=args.damp_percent, block_size=args.block_size,
         num_samples=args.num_samples, seqlen=args.seqlen, seed=args.seed, smoothquant=args.smoothquant,
         calib_dtype=args.calib_dtype, true_sequential=args.true_sequential, device=args.device,
+        clip_search=args.clip_search, clip_min_ratio=args.clip_min_ratio,
         ignore=tuple(args.ignore) if args.ignore is not None else _DEFAULTS["ignore"], overrides=overrides,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from quant.gptq import HessianError
+    from quant.imports import unused_modules_hidden
 
     try:
         config = config_from_args(args)
-        from quant.pipeline import quantize_checkpoint
+        with unused_modules_hidden():  # transformers would import sklearn and pandas (quant.imports)
+            from quant.pipeline import quantize_checkpoint
 
-        report = quantize_checkpoint(args.model, args.out, config, args.calib, force=args.force,
-                                     progress=not args.no_progress)
+            report = quantize_checkpoint(args.model, args.out, config, args.calib, force=args.force,
+                                         progress=not args.no_progress)
     except (QuantInputError, HessianError, OverflowError) as exc:  # OverflowError: a scale past its dtype
         raise CLIError(str(exc)) from None
     print(report.summary())

@@ -111,25 +111,32 @@ def write_format_files(fmt: str, out_dir, qc: dict) -> None:
         (Path(out_dir) / "quantize_config.json").write_text(json.dumps(content, indent=2) + "\n")
 
 
-def _ct_scheme(s: LayerScheme, targets: list[str]):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+def _ct_args(num_bits: int, strategy: str, group_size: int | None = None, dynamic: bool = False,
+             observer: str | None = "memoryless_minmax", symmetric: bool = True) -> dict:
+    """compressed-tensors ``QuantizationArgs`` as its ``model_dump(mode="json")`` writes them (integer)."""
+    return {"num_bits": num_bits, "type": "int", "symmetric": symmetric, "group_size": group_size,
+            "strategy": strategy, "block_structure": None, "dynamic": dynamic, "actorder": None, "scale_dtype": None,
+            "zp_dtype": None, "observer": observer, "observer_kwargs": {}}
 
+
+def _ct_scheme(s: LayerScheme, targets: list[str]) -> dict:
+    """compressed-tensors ``QuantizationScheme.model_dump(mode="json")`` of one scheme, without the library."""
     spec: Scheme = s.spec
     per_channel = not spec.grouped or s.group_size == -1
-    weights = QuantizationArgs(
-        num_bits=spec.bits, type="int", symmetric=spec.symmetric,
-        strategy="channel" if per_channel else "group", group_size=None if per_channel else s.group_size)
+    weights = _ct_args(spec.bits, "channel" if per_channel else "group", None if per_channel else s.group_size,
+                       symmetric=spec.symmetric)
     inputs = None
     if spec.act_bits is not None:  # dynamic per-token symmetric integer activations
-        inputs = QuantizationArgs(num_bits=spec.act_bits, type="int", symmetric=True, strategy="token", dynamic=True)
-    return QuantizationScheme(targets=targets, weights=weights, input_activations=inputs,
-                              format=spec.formats["compressed-tensors"])
+        inputs = _ct_args(spec.act_bits, "token", dynamic=True, observer=None)
+    return {"targets": targets, "weights": weights, "input_activations": inputs, "output_activations": None,
+            "format": spec.formats["compressed-tensors"]}
 
 
 def _compressed_tensors_config(default: LayerScheme, schemes: dict[str, LayerScheme | None],
                                ignored: list[str]) -> dict:
-    from compressed_tensors.quantization import QuantizationConfig
-
+    """The ``quantization_config`` that compressed-tensors' ``QuantizationConfig.model_dump(mode="json")`` gives,
+    written without importing the library (its import pulls in torch.compile and inductor: seconds and
+    ~100 MiB); tests compare it with the library's."""
     # The default scheme targets every Linear; each other scheme lists its modules by exact name,
     # which compressed-tensors and vLLM match before class names.
     groups = {"group_0": _ct_scheme(default, ["Linear"])}
@@ -139,7 +146,7 @@ def _compressed_tensors_config(default: LayerScheme, schemes: dict[str, LayerSch
             others.setdefault(s, []).append(name)
     for i, (s, names) in enumerate(others.items(), 1):
         groups[f"group_{i}"] = _ct_scheme(s, names)
-    formats = {g.format for g in groups.values()}
+    formats = {g["format"] for g in groups.values()}
     fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
-    qc = QuantizationConfig(config_groups=groups, format=fmt, quantization_status="compressed", ignore=ignored)
-    return qc.model_dump(mode="json")
+    return {"config_groups": groups, "quant_method": "compressed-tensors", "kv_cache_scheme": None, "format": fmt,
+            "quantization_status": "compressed", "global_compression_ratio": None, "ignore": ignored}

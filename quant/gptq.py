@@ -18,6 +18,7 @@ Dequantized weight: ``W = q · scale``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,9 +65,23 @@ def qrange(scheme: LayerScheme) -> tuple[int, int]:
     return scheme.spec.qmin, scheme.spec.qmax
 
 
-def compute_scales(w: torch.Tensor, scheme: LayerScheme) -> torch.Tensor:
-    """Per-row scale of ``w`` ``[out, n]``, already rounded to its stored dtype (returned as float32)."""
-    amax = w.abs().amax(dim=1).to(torch.float32)
+def compute_scales(w: torch.Tensor, scheme: LayerScheme, importance: torch.Tensor | None = None,
+                   clip_ratios: tuple[float, ...] = (1.0,)) -> torch.Tensor:
+    """Per-row scale of ``w`` ``[out, n]``, already rounded to its stored dtype (returned as float32).
+
+    With ``importance`` ``[n]`` and more than one of ``clip_ratios``, the clipped scale of
+    :func:`quant.clip.search_scales`; else the amax scale.
+    """
+    if importance is not None and len(clip_ratios) > 1:
+        from quant.clip import search_scales
+
+        return search_scales(w, importance, scheme, clip_ratios)
+    return scales_from_amax(w.abs().amax(dim=1), scheme)
+
+
+def scales_from_amax(amax: torch.Tensor, scheme: LayerScheme) -> torch.Tensor:
+    """The symmetric scale of per-row ``amax``, rounded to its stored dtype (float32; 1 where it is 0)."""
+    amax = amax.to(torch.float32)
     scale = scheme.spec.scale(amax)
     stored = scheme.spec.scale_dtype
     info = torch.finfo(stored)
@@ -138,6 +153,16 @@ def accumulate_hessian(hessian: torch.Tensor | None, nsamples: int, x: torch.Ten
     return hessian, total
 
 
+@functools.cache
+def _blas_threadpools():
+    """The BLAS/LAPACK thread pools of this process, found once: ``threadpool_limits`` rescans every loaded
+    library on each call (about 10-20 ms, twice per input group of every layer)."""
+    import scipy.linalg  # noqa: F401 - its LAPACK must be loaded before the scan
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 @contextlib.contextmanager
 def single_threaded():
     """Run torch and BLAS/LAPACK on one thread inside the block.
@@ -147,12 +172,10 @@ def single_threaded():
     synchronisation, and on shared or oversubscribed cores their busy-waiting
     made them up to 50x slower here (measured in ``scripts/bench_quant.py``'s notes).
     """
-    from threadpoolctl import threadpool_limits
-
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with threadpool_limits(1, user_api="blas"):
+        with _blas_threadpools().limit(limits=1, user_api="blas"):
             yield
     finally:
         torch.set_num_threads(n)
@@ -255,6 +278,7 @@ class PreparedHessian:
     perm: torch.Tensor  # processing order of the columns
     # float64 [in, in], rows/columns in reversed ``perm`` order: numpy (Fortran order) or a torch tensor
     flipped_inverse: object
+    importance: torch.Tensor | None = None  # diag(H) [in] in column order (the clipping search's weights)
 
     def upper_rows(self, i1: int, i2: int) -> torch.Tensor:
         """Rows ``i1:i2``, columns ``i1:`` of the upper factor ``U``, float32 (the values of ``U.float()``)."""
@@ -274,7 +298,8 @@ def prepare_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order
     if lapack is None:
         lapack = hessian.device.type == "cpu"
     h = hessian.to(torch.float32)
-    dead = torch.diagonal(h) == 0
+    importance = torch.diagonal(h).clone()
+    dead = importance == 0
     if bool(dead.any()):
         h = h.clone()
         h[dead, dead] = 1
@@ -287,7 +312,7 @@ def prepare_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order
     else:
         factor = _reversed_inverse_factor_torch(h, damp_percent, max_damp_retries)
     del h
-    return PreparedHessian(dead, perm, factor)
+    return PreparedHessian(dead, perm, factor, importance)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: LayerScheme, **options) -> QuantResult:
@@ -308,6 +333,7 @@ def gptq_quantize_shared(
     act_order: bool = False,
     max_damp_retries: int = 5,
     prepared: "PreparedHessian | None" = None,
+    clip_ratios: tuple[float, ...] = (1.0,),
 ) -> list[QuantResult]:
     """GPTQ of linears fed the same input (one Hessian) with the same scheme, in one column loop.
 
@@ -322,6 +348,8 @@ def gptq_quantize_shared(
     groups: scales are fixed from the unmodified weight beforehand, so
     ``g_idx[i] = i // group_size`` stays the natural order. ``prepared``
     (from :func:`prepare_hessian`) shares one inverse among linears fed the same input.
+    ``clip_ratios`` other than ``(1.0,)`` search each group's scale among ``ratio · amax``
+    (:func:`quant.clip.search_scales`, weighted by ``diag(H)``) where the amax scale would be taken.
     """
     sizes = [w.shape[0] for w in weights]
     in_f, out_f = weights[0].shape[1], sum(sizes)
@@ -337,6 +365,11 @@ def gptq_quantize_shared(
         prepared = prepare_hessian(hessian, damp_percent, act_order, max_damp_retries)
     dead, perm = prepared.dead, prepared.perm
     wt[dead] = 0
+    imp = prepared.importance if len(clip_ratios) > 1 else None
+
+    def group_scales(w_group_t: torch.Tensor, first: int) -> torch.Tensor:
+        """Scales of the rows of ``w_group_t`` ``[out, gsize]``, the group of columns ``first:first + gsize``."""
+        return compute_scales(w_group_t, scheme, None if imp is None else imp[first:first + gsize], clip_ratios)
 
     n_groups = scheme.n_groups(in_f)
     gsize = in_f // n_groups
@@ -345,7 +378,7 @@ def gptq_quantize_shared(
     static = n_groups == 1 or act_order
     if static:
         for g in range(n_groups):
-            scales[g] = compute_scales(wt[g * gsize:(g + 1) * gsize].t(), scheme)
+            scales[g] = group_scales(wt[g * gsize:(g + 1) * gsize].t(), g * gsize)
 
     if act_order:
         wt = wt[perm]  # rows in processing order
@@ -370,7 +403,7 @@ def gptq_quantize_shared(
                 col = i1 + i
                 if not static and col % gsize == 0:
                     # Scales from the error-updated weights of the whole group (all inside this block).
-                    scales[col // gsize] = compute_scales(w1[i:i + gsize].t(), scheme)
+                    scales[col // gsize] = group_scales(w1[i:i + gsize].t(), col)
                 s = scales[col_group[col]]
                 wcol = w1[i]
                 q = torch.clamp(torch.round(wcol / s), lo, hi)

@@ -267,7 +267,7 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
             for scheme, names in by_scheme.items():  # one column loop for all linears of a scheme
                 outs = gptq_quantize_shared([linears[n].weight for n in names], None, scheme,
                                             block_size=config.block_size, act_order=config.act_order,
-                                            prepared=prepared)
+                                            prepared=prepared, clip_ratios=config.clip_ratios)
                 results.update(zip(names, outs))
             del prepared, outs
             h = spilled.load() if placement.spill_hessian else spilled

@@ -21,6 +21,7 @@ of the checkpoint size; the peers are not run on it.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import subprocess
@@ -42,11 +43,17 @@ SHARED = Path(os.environ.get("VLLM_PLUGINS_SHARED", REPO.parent / "shared"))
 MODELS = {
     # name: (how to get it, scheme list)
     "tinystories": dict(group_size=64),
+    # llama2.c stories260K converted (vllm-plugins convert), saved as a plain LlamaForCausalLM (same logits) so that
+    # the peers load it. Its MLP width 172 is no multiple of 8: int4 cannot pack down_proj, every tool leaves it float.
+    # Inputs of 64: --group-size 64 is one group per row; 128 does not divide them.
+    "stories260k": dict(group_size=64, ignore=["*.down_proj"]),
     "100m": dict(group_size=128, hidden_size=768, intermediate_size=2048, num_hidden_layers=14,
                  num_attention_heads=12, num_key_value_heads=4),
     "1b": dict(group_size=128, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
 }
+# --depth-check: the 1b model's width at these depths (peak RSS must not grow with depth)
+DEPTH_SPEC = {k: v for k, v in MODELS["1b"].items() if k != "num_hidden_layers"}
 
 HWM = """
 def hwm():
@@ -55,18 +62,23 @@ def hwm():
             return int(line.split()[1]) / 1024
 """
 
+# The same imports as `python -m quant` (quant.cli.run): the pipeline, with the unused packages hidden.
 OURS_CHILD = HWM + """
 import json, sys, time, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from quant.config import QuantConfig
-from quant.pipeline import quantize_checkpoint
-model, out, scheme, group, samples, true_sequential = sys.argv[1:7]
+from quant.imports import unused_modules_hidden
+model, out, scheme, group, samples, options = sys.argv[1:7]
+options = json.loads(options)  # QuantConfig fields
+with unused_modules_hidden():
+    from quant.pipeline import quantize_checkpoint
+    import transformers.models.auto.modeling_auto  # what the pipeline imports when it runs
 base = hwm()
 samples = torch.load(samples)
 cfg = QuantConfig(scheme=scheme, group_size=int(group), format="compressed-tensors",
-                  num_samples=samples.shape[0], seqlen=samples.shape[1], true_sequential=true_sequential == "1")
+                  num_samples=samples.shape[0], seqlen=samples.shape[1], **options)
 t1 = time.perf_counter()
-report = quantize_checkpoint(model, out, cfg, samples=samples, force=True, progress=False)
+with unused_modules_hidden():
+    report = quantize_checkpoint(model, out, cfg, samples=samples, force=True, progress=False)
 print(report.summary(), file=sys.stderr)
 print("RESULT " + json.dumps({"quant_s": time.perf_counter() - t1, "import_rss_mb": base,
       "peak_rss_mb": hwm()}))
@@ -78,7 +90,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
-model_dir, out, scheme, group, samples = sys.argv[1:6]
+model_dir, out, scheme, group, samples, ignore = sys.argv[1:7]
+ignore = json.loads(ignore)
 base = hwm()
 samples = torch.load(samples)
 ds = Dataset.from_dict({"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()})
@@ -87,9 +100,9 @@ model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
 if scheme == "w4a16":
     groups = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
               "strategy": "group", "group_size": int(group)}}}
-    recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"], actorder=None, dampening_frac=0.01, block_size=128)
+    recipe = GPTQModifier(config_groups=groups, ignore=ignore, actorder=None, dampening_frac=0.01, block_size=128)
 else:
-    recipe = GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"], dampening_frac=0.01, block_size=128)
+    recipe = GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore, dampening_frac=0.01, block_size=128)
 oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=samples.shape[0],
         max_seq_length=samples.shape[1], shuffle_calibration_samples=False)
 model.save_pretrained(out, save_compressed=True)
@@ -100,7 +113,7 @@ print("RESULT " + json.dumps({"quant_s": time.perf_counter() - t1, "import_rss_m
 
 GPTQMODEL_CHILD = HWM + """
 import json, os, sys, time, torch
-model_dir, out, scheme, group, samples = sys.argv[1:6]
+model_dir, out, scheme, group, samples = sys.argv[1:6]  # (argv[6]: the ignore list, only ["lm_head"] here)
 if scheme != "w4a16":
     sys.exit(f"GPTQModel: no {scheme} scheme comparable to this toolkit's (W8A8 = int8 weights + per-token int8 activations)")
 from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
@@ -132,8 +145,14 @@ PEERS = {
     # has no counterpart to W8A8 (int8 weights *and* per-token int8 activations): w4a16 only.
     "gptqmodel": ("gptqmodel", GPTQMODEL_CHILD, {"GPTQMODEL_CPU_WORKERS": "2"}, ("w4a16",)),
 }
-# this toolkit's variants -> true_sequential (its default; "ours-1pass" calibrates each layer in one pass as the peers do)
-OURS = {"ours": True, "ours-1pass": False}
+# this toolkit's variants -> QuantConfig fields over its defaults: "seq" true-sequential inside each layer, "1pass"
+# every Hessian of a layer from one pass over the unquantized layer (as the peers calibrate), "clip" with the
+# clipping search of every group's scale (--clip-search), else amax scales
+OURS = {"ours": {},
+        "ours-seq": {"true_sequential": True, "clip_search": False},
+        "ours-1pass": {"true_sequential": False, "clip_search": False},
+        "ours-seq-clip": {"true_sequential": True, "clip_search": True},
+        "ours-1pass-clip": {"true_sequential": False, "clip_search": True}}
 TOOLS = (*OURS, *PEERS)
 
 
@@ -268,6 +287,32 @@ def generate_llama(out: Path, spec: dict) -> Path:
     return out
 
 
+def convert_stories260k(out: Path) -> Path:
+    """``../shared/models/stories260K`` through ``vllm-plugins convert``'s converter, saved as a plain Llama.
+
+    The converter writes the package's ``llama_variant``; with ``qk_norm`` off and full rotary it computes the
+    same logits as ``LlamaForCausalLM`` (checked: max difference 0), which the peers' environments can load.
+    """
+    from models.convert import convert_llama2c
+
+    if (out / "config.json").exists():
+        return out
+    src = SHARED / "models" / "stories260K"
+    tmp = out.with_name(out.name + ".variant")
+    if not (tmp / "config.json").exists():
+        convert_llama2c(src / "stories260K.bin", src / "tok512.bin", tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    if cfg.get("qk_norm") or cfg.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{tmp}: not a plain Llama ({cfg})")
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    for key in ("qk_norm", "partial_rotary_factor"):
+        cfg.pop(key, None)
+        cfg.get("rope_parameters", {}).pop(key, None)
+    tmp.rename(out)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
@@ -282,11 +327,21 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the calibration windows (perplexity moves by tenths of a percent between draws: "
                          "compare tools over several seeds)")
+    ap.add_argument("--seeds", default=None, help="comma list of calibration seeds (overrides --seed); the table "
+                    "then shows the mean over seeds")
+    ap.add_argument("--group-sizes", default=None,
+                    help="comma list of w4a16 group sizes (default: the model's, 64 for tinystories/stories260k, 128 else)")
     ap.add_argument("--workdir", default=str(REPO / "runs" / "bench_quant"))
     ap.add_argument("--tools", default=",".join(TOOLS),
                     help=f"comma list of {', '.join(TOOLS)} (default: all; a peer whose venv cannot be "
                          "installed shows its error in the table)")
-    ap.add_argument("--no-peers", action="store_true", help="run this toolkit only (same as --tools ours,ours-1pass)")
+    ap.add_argument("--no-peers", action="store_true", help="run every variant of this toolkit, no peer")
+    ap.add_argument("--depth-check", metavar="LAYERS", default=None,
+                    help="instead of the comparison: this toolkit's peak RSS (default mode, w4a16 g128) on random "
+                         "Llamas of hidden 2048 with these comma-separated layer counts, e.g. 2,24 "
+                         "(target: the deepest <= 1.1x the shallowest); use a small --num-samples")
+    ap.add_argument("--depth-intermediate", type=int, default=MODELS["1b"]["intermediate_size"],
+                    help="MLP width of the --depth-check models (default: the 1b model's)")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP/MKL/OpenBLAS threads of every tool's subprocess (default: their own defaults)")
     args = ap.parse_args()
@@ -302,6 +357,8 @@ def main() -> int:
     cut = text.index("\n\n", int(len(text) * 0.8))
     calib = work / "calib.txt"
     calib.write_text(text[:cut])
+    if args.depth_check:
+        return depth_check([int(n) for n in args.depth_check.split(",")], work, calib, args)
     tools = list(OURS) if args.no_peers else [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = set(tools) - set(TOOLS)
     if unknown:
@@ -318,85 +375,156 @@ def main() -> int:
     threads = {} if args.threads is None else {
         k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     rows = []
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     for name in args.models.split(","):
         spec = MODELS[name]
         if name == "tinystories":
             model = SHARED / "models" / "TinyStories-656K"
+        elif name == "stories260k":
+            model = convert_stories260k(work / "stories260k")
         else:
             model = generate_llama(work / f"llama-{name}", spec)
-        schemes = args.schemes.split(",") if name == "tinystories" else ["w4a16"]
+        schemes = args.schemes.split(",") if name in ("tinystories", "stories260k") else ["w4a16"]
+        ignore = ["lm_head", *spec.get("ignore", [])]
         tok = load_tokenizer(model)
-        samples = calibration_samples(calib, tok, args.num_samples, args.seqlen, args.seed)
-        samples_path = work / f"samples-{name}.pt"
-        torch.save(samples, samples_path)
         eval_tokens = tokenize_text(tok, text[cut:])[: args.eval_tokens]
         fp_ppl = None if name == "1b" else perplexity(load_float_model(model), eval_tokens, seqlen=args.seqlen)
-        for scheme in schemes:
-            group = str(spec["group_size"])
-            for tool in tools:
-                if tool in PEERS and (name == "1b" or scheme not in PEERS[tool][3]):
-                    continue
-                row = {"model": name, "scheme": scheme, "tool": tool, "fp_ppl": fp_ppl,
-                       "model_mb": dir_bytes(model) / 2**20}
-                if tool in install_errors:
-                    rows.append({**row, "error": install_errors[tool]})
-                    continue
-                code, extra = (OURS_CHILD, env) if tool in OURS else (PEERS[tool][1], PEERS[tool][2])
-                out = work / f"{name}-{scheme}-{tool}"
-                child_args = [str(model), str(out), scheme, group, str(samples_path)]
-                if tool in OURS:
-                    child_args.append("1" if OURS[tool] else "0")
-                print(f"[{name} {scheme}] {tool} ...", flush=True)
-                res = run_child(pythons[tool], code, child_args, work / f"{name}-{scheme}-{tool}.log",
-                                env={**threads, **extra},
-                                cwd=REPO if tool in OURS else work)  # GPTQModel writes ./logs/
-                if "error" not in res and name != "1b":
-                    try:
-                        if tool == "gptqmodel":
-                            check_gptq_export(out)
-                        res["ppl"] = perplexity(load_dequantized_model(out), eval_tokens, seqlen=args.seqlen)
-                    except Exception as exc:  # noqa: BLE001 - a row per failure, the table goes on
-                        res["error"] = f"evaluating the export: {type(exc).__name__}: {exc}"
-                rows.append({**row, **res})
-                print(json.dumps(rows[-1]), flush=True)
+        for seed in seeds:
+            samples = calibration_samples(calib, tok, args.num_samples, args.seqlen, seed)
+            samples_path = work / f"samples-{name}-{seed}.pt"
+            torch.save(samples, samples_path)
+            for scheme in schemes:
+                groups = [int(g) for g in args.group_sizes.split(",")] if args.group_sizes else [spec["group_size"]]
+                hidden = json.loads((model / "config.json").read_text())["hidden_size"]
+                for group in (groups if scheme == "w4a16" else [-1]):
+                    if group > hidden or hidden % group:
+                        print(f"[{name}] w4a16 g{group} skipped: {group} does not divide the hidden size {hidden}")
+                        continue
+                    label = f"{scheme} g{group}" if scheme == "w4a16" else scheme
+                    for tool in tools:
+                        if tool in PEERS and (name == "1b" or scheme not in PEERS[tool][3]
+                                              or (tool == "gptqmodel" and len(ignore) > 1)):
+                            continue
+                        row = {"model": name, "scheme": label, "tool": tool, "seed": seed, "fp_ppl": fp_ppl,
+                               "model_mb": dir_bytes(model) / 2**20}
+                        if tool in install_errors:
+                            rows.append({**row, "error": install_errors[tool]})
+                            continue
+                        code, extra = (OURS_CHILD, env) if tool in OURS else (PEERS[tool][1], PEERS[tool][2])
+                        tag = f"{name}-{label.replace(' ', '-')}-{tool}-s{seed}"
+                        out = work / tag
+                        child_args = [str(model), str(out), scheme, str(group), str(samples_path)]
+                        if tool in OURS:
+                            child_args.append(json.dumps({"ignore": ignore, **OURS[tool]}))
+                        else:  # llm-compressor matches "re:" regular expressions
+                            child_args.append(json.dumps([g if g == "lm_head" else "re:" + fnmatch.translate(g)
+                                                          for g in ignore]))
+                        print(f"[{name} {label} seed {seed}] {tool} ...", flush=True)
+                        res = run_child(pythons[tool], code, child_args, work / f"{tag}.log",
+                                        env={**threads, **extra},
+                                        cwd=REPO if tool in OURS else work)  # GPTQModel writes ./logs/
+                        if "error" not in res and name != "1b":
+                            try:
+                                if tool == "gptqmodel":
+                                    check_gptq_export(out)
+                                res["ppl"] = perplexity(load_dequantized_model(out), eval_tokens, seqlen=args.seqlen)
+                            except Exception as exc:  # noqa: BLE001 - a row per failure, the table goes on
+                                res["error"] = f"evaluating the export: {type(exc).__name__}: {exc}"
+                        rows.append({**row, **res})
+                        print(json.dumps(rows[-1]), flush=True)
     (work / "results.json").write_text(json.dumps(rows, indent=2))
     print_table(rows)
     print(f"threads per tool: {args.threads or 'default'}")
-    print(f"calibration: the same {args.num_samples} windows of {args.seqlen} tokens (seed {args.seed}) for every tool and model "
+    print(f"calibration: the same {args.num_samples} windows of {args.seqlen} tokens (seeds {seeds}) for every tool and model "
           f"({args.num_samples * args.seqlen} tokens; float32 layer inputs of the 1b model: "
           f"{args.num_samples * args.seqlen * MODELS['1b']['hidden_size'] * 4 / 2**20:.0f} MiB)")
     return 0
 
 
+def depth_check(depths: list[int], work: Path, calib: Path, args) -> int:
+    """Peak RSS of this toolkit (default mode) on random Llamas that differ only in depth."""
+    import torch
+
+    from quant.calib import calibration_samples, load_tokenizer
+
+    env = {"PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    if args.threads is not None:
+        env.update({k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    rows = []
+    for n in depths:
+        spec = {**DEPTH_SPEC, "num_hidden_layers": n, "intermediate_size": args.depth_intermediate}
+        model = generate_llama(work / f"llama-depth-{n}-{args.depth_intermediate}", spec)
+        samples = calibration_samples(calib, load_tokenizer(model), args.num_samples, args.seqlen, args.seed)
+        samples_path = work / f"samples-depth-{n}.pt"
+        torch.save(samples, samples_path)
+        print(f"[depth {n}] ours ...", flush=True)
+        res = run_child(sys.executable, OURS_CHILD, [str(model), str(work / f"depth-{n}-out"), "w4a16", "128",
+                                                     str(samples_path), "{}"], work / f"depth-{n}.log", env=env)
+        if "error" in res:
+            print(f"depth {n}: {res['error']} (log {res['log']})")
+            return 1
+        rows.append((n, dir_bytes(model) / 2**20, res))
+    print(f"\n{'layers':>6}{'model MiB':>11}{'wall s':>8}{'import RSS MiB':>16}{'peak RSS MiB':>14}{'peak / shallowest':>19}")
+    for n, size, r in rows:
+        print(f"{n:>6}{size:>11.0f}{r['wall_s']:>8.1f}{r['import_rss_mb']:>16.0f}{r['peak_rss_mb']:>14.0f}"
+              f"{r['peak_rss_mb'] / rows[0][2]['peak_rss_mb']:>19.3f}")
+    print(f"hidden {DEPTH_SPEC['hidden_size']}, intermediate {args.depth_intermediate}, vocab "
+          f"{DEPTH_SPEC['vocab_size']}, bf16; w4a16 g128, default mode; {args.num_samples} x {args.seqlen} "
+          "calibration tokens; target: peak RSS of the deepest <= 1.1x the shallowest")
+    return 0
+
+
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'model':<12}{'scheme':<7}{'tool':<15}{'wall s':>8}{'quant s':>9}{'peak RSS MiB':>13}"
+    print(f"\n{'model':<12}{'scheme':<11}{'tool':<15}{'seed':>5}{'wall s':>8}{'quant s':>9}{'peak RSS MiB':>13}"
           f"{'RSS/model':>10}{'ppl':>9}{'fp ppl':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<12}{r['scheme']:<7}{r['tool']:<15} ERROR {r['error'][:300]}")
+            print(f"{r['model']:<12}{r['scheme']:<11}{r['tool']:<15}{r['seed']:>5} ERROR {r['error'][:300]}")
             continue
         ppl = f"{r['ppl']:9.3f}" if "ppl" in r else f"{'-':>9}"
         fp = f"{r['fp_ppl']:9.3f}" if r.get("fp_ppl") else f"{'-':>9}"
-        print(f"{r['model']:<12}{r['scheme']:<7}{r['tool']:<15}{r['wall_s']:8.1f}{r['quant_s']:9.1f}"
+        print(f"{r['model']:<12}{r['scheme']:<11}{r['tool']:<15}{r['seed']:>5}{r['wall_s']:8.1f}{r['quant_s']:9.1f}"
               f"{r['peak_rss_mb']:13.0f}{r['peak_rss_mb'] / r['model_mb']:10.2f}{ppl}{fp}")
-    by = {(r["model"], r["scheme"], r["tool"]): r for r in rows}
+    means = mean_over_seeds(rows)
+    print(f"\nmean over seeds (sd of ppl):\n{'model':<12}{'scheme':<11}{'tool':<15}{'runs':>5}{'wall s':>8}"
+          f"{'quant s':>9}{'ppl':>18}")
+    for (m, s, t), r in means.items():
+        ppl = f"{r['ppl']:9.3f} ± {r['ppl_sd']:.3f}" if "ppl" in r else f"{'-':>18}"
+        print(f"{m:<12}{s:<11}{t:<15}{r['runs']:>5}{r['wall_s']:8.1f}{r['quant_s']:9.1f}{ppl:>18}")
     for ours, peer_tool in [(o, p) for o in OURS for p in PEERS]:
-        pairs = [(m, s, r, by.get((m, s, peer_tool))) for (m, s, t), r in by.items() if t == ours]
+        pairs = [(m, s, r, means.get((m, s, peer_tool))) for (m, s, t), r in means.items() if t == ours]
         pairs = [p for p in pairs if p[3] is not None]
         if not pairs:
             continue
-        print(f"\nratios ({ours} / {peer_tool}):")
+        print(f"\nratios of the means ({ours} / {peer_tool}):")
         for m, s, r, peer in pairs:
-            if "error" in r or "error" in peer:
-                who = peer_tool if "error" in peer else ours
-                print(f"  {m:<12}{s:<7} - ({who} failed: {(peer if who == peer_tool else r)['error'][:200]})")
-                continue
             ppl = f"  ppl {r['ppl'] / peer['ppl']:.4f}" if "ppl" in r and "ppl" in peer else ""
-            print(f"  {m:<12}{s:<7} wall {r['wall_s'] / peer['wall_s']:.2f}  quant {r['quant_s'] / peer['quant_s']:.2f}"
+            print(f"  {m:<12}{s:<11} wall {r['wall_s'] / peer['wall_s']:.2f}  quant {r['quant_s'] / peer['quant_s']:.2f}"
                   f"  peak RSS {r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}{ppl}")
+
+
+def mean_over_seeds(rows: list[dict]) -> dict[tuple, dict]:
+    """(model, scheme, tool) -> means of wall_s, quant_s, peak_rss_mb, ppl (and ppl_sd) over its successful runs."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["model"], r["scheme"], r["tool"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        m = {k: statistics.fmean(r[k] for r in rs) for k in ("wall_s", "quant_s", "peak_rss_mb")}
+        if all("ppl" in r for r in rs):
+            m["ppl"] = statistics.fmean(r["ppl"] for r in rs)
+            m["ppl_sd"] = statistics.stdev(r["ppl"] for r in rs) if len(rs) > 1 else 0.0
+        out[key] = {**m, "runs": len(rs)}
+    return out
+
+
     print(textwrap.dedent("""
-        ours: true-sequential inside each layer (the default); ours-1pass: --no-true-sequential, every
-        Hessian of a layer from one pass over the unquantized layer, as the peers calibrate.
+        ours: the defaults; -seq: true-sequential inside each layer; -1pass: --no-true-sequential, every
+        Hessian of a layer from one pass over the unquantized layer, as the peers calibrate; -clip:
+        --clip-search (each group's scale clipped for the least diag(H)-weighted rounding error).
         wall s: the whole subprocess (imports included); quant s: model load + calibration + GPTQ + save.
         RSS/model: peak RSS over the size of the source safetensors. ppl: torch dequantized model on
         held-out TinyStories text (W8A8 with per-token int8 activations). gptqmodel: GPTQModel 7.6.0

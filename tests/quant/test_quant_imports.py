@@ -1,0 +1,46 @@
+"""The quantize process imports only what it uses (issue 13, item 4).
+
+``python -m quant`` runs a tiny quantization in a subprocess that reports, at
+exit, which modules were imported. transformers' generation code would import
+scikit-learn (and through it scipy.stats and pandas) when lm-eval is installed;
+``quant.imports`` keeps them out. vLLM is never needed, and the compressed-tensors
+export is written without the compressed_tensors library (whose import compiles with torch.compile).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+UNUSED = ("sklearn", "pandas", "lm_eval", "vllm", "vllm_plugins", "compressed_tensors")
+
+PROBE = """
+import atexit, json, runpy, sys
+atexit.register(lambda: print("MODULES " + json.dumps(sorted(k for k, v in sys.modules.items() if v is not None))))
+sys.argv = ["python -m quant", *sys.argv[1:]]
+runpy.run_module("quant", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_python_m_quant_imports_no_unused_packages(tiny_llama, tmp_path):
+    from models.tiny import synthetic_corpus
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(synthetic_corpus(20)))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, "--model", str(tiny_llama()), "--out", str(out), "--calib", str(calib),
+         "--num-samples", "4", "--seqlen", "32", "--format", "compressed-tensors", "--no-progress"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "config.json").is_file()
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("MODULES "))
+    imported = set(json.loads(line[len("MODULES "):]))
+    assert "transformers" in imported and "quant.pipeline" in imported  # the probe saw the real run
+    leaked = sorted(m for m in imported if m.split(".")[0] in UNUSED)
+    assert not leaked, f"the quantize process imported {leaked[:10]}"
