@@ -148,6 +148,7 @@ def isa_supported(isa: str) -> bool:
     return isa in supported_isas()
 
 
+@torch.compiler.assume_constant_result  # torch.compile reads it once, at trace time
 def selected_isa() -> str:
     """The path the layers run: ``$VLLM_PLUGINS_INT4_ISA`` if set, else the best this CPU runs.
 
