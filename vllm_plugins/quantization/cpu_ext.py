@@ -19,11 +19,14 @@ returns False; W4A16 then keeps PyTorch's int4 kernel.
 
 Tile layout (the contract :func:`pack_tiles` builds and the C++ reads; see
 ``csrc/int4_kernels.h``): for stored nibbles ``u[N, K]`` (``q + 8``),
-``N % 4 == 0`` and ``K % 128 == 0``::
+``N % 16 == 0``, ``K % 32 == 0``, groups of a multiple of 32 inputs::
 
-    qw[t, c, r, 2*j : 2*j+2]  = little-endian uint16 word j, whose nibble i is
-                                u[4*t + r, 128*c + 32*i + j]
-    sc[t, g, r]               = float32 scale of row 4*t + r, group g
+    qw[t, c, 2*w : 2*w+2]  = little-endian uint16 word w = 2*n + e, whose nibble i is
+                             u[16*t + n, 8*c + 2*i + e]        (n < 16, e < 2, i < 4)
+    sc[t, g, n]            = float32 scale of output 16*t + n, group g
+
+Outputs lie in vector lanes and input pairs in 32-bit lanes, so a group scale
+costs one vector multiply per 16 outputs and an activation pair is broadcast.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ SOURCES = tuple(CSRC / name for name in ("int4_ops.cpp", "int4_avx512.cpp", "int
 HEADERS = (CSRC / "int4_kernels.h",)
 ISAS = ("avx512bf16", "avx2", "portable")  # best first
 ISA_ENV = "VLLM_PLUGINS_INT4_ISA"
-ROWS, CHUNK = 4, 128
+TILE, BLOCK_K = 16, 8  # outputs per tile, inputs per 64-byte block
 LIB_NAME = "vllm_plugins_cpu"
 # Per path: from this many activation rows on, dequantizing to bfloat16 and
 # running a GEMM beats the tile kernel (crossover measured with
@@ -124,15 +127,15 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("vllm_plugins_cpu::int4_gemm")
     def _gemm(x, qw, sc, group_size, isa="auto"):
-        return x.new_empty((x.shape[0], qw.shape[0] * ROWS))
+        return x.new_empty((x.shape[0], qw.shape[0] * TILE))
 
     @torch.library.register_fake("vllm_plugins_cpu::int4_linear")
     def _linear(x, qw, sc, group_size, dequant_min_rows, isa="auto"):
-        return x.new_empty((x.shape[0], qw.shape[0] * ROWS))
+        return x.new_empty((x.shape[0], qw.shape[0] * TILE))
 
     @torch.library.register_fake("vllm_plugins_cpu::int4_dequant")
-    def _dequant(qw, sc, group_size, isa="auto"):
-        return qw.new_empty((qw.shape[0] * ROWS, qw.shape[1] * CHUNK), dtype=torch.bfloat16)
+    def _dequant(qw, sc, group_size):
+        return qw.new_empty((qw.shape[0] * TILE, qw.shape[1] * BLOCK_K), dtype=torch.bfloat16)
 
 
 @functools.cache
@@ -177,12 +180,12 @@ def dequant_min_rows(isa: str) -> int:
 def tile_problem(n: int, k: int, group_size: int) -> str | None:
     """Why the tile layout cannot hold an ``[N, K]`` weight in ``group_size`` groups, or None."""
     gs = k if group_size == -1 else group_size
-    if n % ROWS:
-        return f"output size {n} is not a multiple of {ROWS}"
-    if k % CHUNK:
-        return f"input size {k} is not a multiple of {CHUNK}"
-    if gs % 32 or k % gs or (CHUNK % gs if gs < CHUNK else gs % CHUNK):
-        return f"group size {group_size} is not 32, 64 or a multiple of {CHUNK} dividing {k}"
+    if n % TILE:
+        return f"output size {n} is not a multiple of {TILE}"
+    if k % 32:
+        return f"input size {k} is not a multiple of 32"
+    if gs % 32 or k % gs:
+        return f"group size {group_size} is not a multiple of 32 dividing {k}"
     return None
 
 
@@ -194,13 +197,13 @@ def pack_tiles(u: torch.Tensor, scales_gn: torch.Tensor, group_size: int) -> tup
     problem = tile_problem(n, k, group_size)
     if problem is not None:
         raise ValueError(f"int4 tile layout: {problem}")
-    u = u.to(torch.int32).reshape(n // ROWS, ROWS, k // CHUNK, 4, 32).permute(0, 2, 1, 4, 3)  # t c r j i
-    words = (u << torch.tensor([0, 4, 8, 12], dtype=torch.int32)).sum(-1)  # [t, c, r, 32]
-    qw = torch.stack([words & 0xFF, words >> 8], dim=-1).to(torch.uint8).reshape(n // ROWS, k // CHUNK, ROWS, 64)
     groups = k // (k if group_size == -1 else group_size)
     if scales_gn.shape != (groups, n):
         raise ValueError(f"scales shape {tuple(scales_gn.shape)} is not ({groups}, {n})")
-    sc = scales_gn.to(torch.float32).t().reshape(n // ROWS, ROWS, groups).transpose(1, 2).contiguous()
+    u = u.to(torch.int32).reshape(n // TILE, TILE, k // BLOCK_K, 4, 2).permute(0, 2, 1, 4, 3)  # t c n e i
+    words = (u << torch.tensor([0, 4, 8, 12], dtype=torch.int32)).sum(-1)  # [t, c, n, e] = word 2n + e
+    qw = torch.stack([words & 0xFF, words >> 8], dim=-1).to(torch.uint8).reshape(n // TILE, k // BLOCK_K, 64)
+    sc = scales_gn.to(torch.float32).t().reshape(n // TILE, TILE, groups).transpose(1, 2).contiguous()
     return qw.contiguous(), sc
 
 
@@ -211,9 +214,9 @@ def int4_gemm(x: torch.Tensor, qw: torch.Tensor, sc: torch.Tensor, group_size: i
     return torch.ops.vllm_plugins_cpu.int4_gemm(x, qw, sc, group_size, isa or selected_isa())
 
 
-def dequantize(qw: torch.Tensor, sc: torch.Tensor, group_size: int, isa: str | None = None) -> torch.Tensor:
+def dequantize(qw: torch.Tensor, sc: torch.Tensor, group_size: int) -> torch.Tensor:
     """The bfloat16 weight ``[N, K]`` of a packed one."""
-    return torch.ops.vllm_plugins_cpu.int4_dequant(qw, sc, group_size, isa or selected_isa())
+    return torch.ops.vllm_plugins_cpu.int4_dequant(qw, sc, group_size)
 
 
 def linear(x: torch.Tensor, qw: torch.Tensor, sc: torch.Tensor, group_size: int,

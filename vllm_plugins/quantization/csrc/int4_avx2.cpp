@@ -1,16 +1,19 @@
-// AVX2 + FMA path of the CPU int4 GEMM, for x86 CPUs without AVX-512 (same
-// layout as the other paths: int4_kernels.h).
+// AVX2 + FMA path of the CPU int4 GEMM, for x86 CPUs without AVX-512 (layout:
+// int4_kernels.h).
 //
 // Without a bfloat16 dot product, the weights go to float32 with two
-// operations per 8 nibbles and no shift: a 32-bit lane of a chunk row holds
-// words j and j + 1, i.e. nibble i of both at bits 4i and 16 + 4i. The lane
-// shifted right by 16 (once per 16 bytes) and the lane itself, masked with
-// 0xF << 4i, are the integers u * 2^(4i), converted exactly by vcvtdq2ps. The
-// activations are rewritten once per call (avx2_prepare) in the matching
-// order and scaled by 2^(-4i) (exact), so that a plain FMA gives x * u; the
-// offset 8 * sum(x over the group) is subtracted once per group.
+// operations per 8 nibbles and no per-nibble shift: 32 bytes of a block are 8
+// outputs, and the 32-bit lane of output n holds nibble i of input 8c + 2i + e
+// at bits 4i + 16e. The lane (e = 0) or the lane shifted right by 16 (e = 1,
+// once per 32 bytes), masked with 0xF << 4i, is the integer u * 2^(4i),
+// converted exactly by vcvtdq2ps. The activations are scaled once per call by
+// 2^(-4i) (avx2_prepare; exact), so a plain FMA with the broadcast activation
+// gives x * u; the offset 8 * sum(x over the group) is subtracted once per
+// group. Float32 arithmetic throughout, for bfloat16 or float32 activations.
 
 #include "int4_kernels.h"
+
+#include <algorithm>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -24,64 +27,55 @@ namespace vllm_plugins_int4 {
 
 namespace {
 
-constexpr int kBlock = 4;               // activation rows per pass over a tile
-constexpr int64_t kPrefetchChunks = 4;  // chunks ahead (4 x 256 bytes)
+constexpr int kMaxRows = 4;             // activation rows per pass (MB)
+constexpr int64_t kPrefetchBlocks = 16;  // blocks ahead in each tile's stream (1 KiB)
 
-// xp[c, h, i, e, d] = x[128c + 32i + 16h + 2d + e] * 2^(-4i): 8 floats for
-// (h, i, e), in the order the tile loop reads them.
-inline int64_t xp_index(int64_t h, int64_t i, int64_t e) { return ((h * 4 + i) * 2 + e) * 8; }
+// MB rows x NV tiles (2 vectors of 8 outputs each) starting at tile t; res[b][v * 16 + n].
+template <int MB, int NV>
+VP_AVX2 void block(const float* xp, const float* xoff, const Problem& p, int64_t t, float* res) {
+  const int64_t kpg = p.gs / kBlockK;
+  const uint8_t* w[NV];
+  const float* s[NV];
+  for (int v = 0; v < NV; ++v) {
+    w[v] = p.qw + (t + v) * p.tile_bytes();
+    s[v] = p.sc + (t + v) * p.groups * kTile;
+  }
+  // Totals live in memory (res): touched once per group, they leave the registers to the accumulators.
+  for (int64_t j = 0; j < MB * NV * kTile; ++j) res[j] = 0.f;
 
-// One tile (4 output rows) times MB activation rows; res[b * 4 + r].
-template <int MB>
-VP_AVX2 void tile_block(const float* xp, int64_t k, const float* xoff, int64_t groups, const uint8_t* qw,
-                        const float* sc, int64_t gs, float* res) {
-  const int64_t chunks = k / kChunk;
-  const int64_t quarters_per_group = gs < kChunk ? gs / 32 : 4;  // a chunk closes its group's partial sums
-  const int64_t cpg = gs < kChunk ? 1 : gs / kChunk;
-  __m256 tot[MB][kRows];
-  for (int b = 0; b < MB; ++b)
-    for (int r = 0; r < kRows; ++r) tot[b][r] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < chunks; ++c) {
-    const uint8_t* wc = qw + c * kRows * kChunkBytes;
-    const char* ahead = reinterpret_cast<const char*>(wc + kPrefetchChunks * kRows * kChunkBytes);
-    for (int l = 0; l < kRows; ++l) _mm_prefetch(ahead + l * kChunkBytes, _MM_HINT_T0);
-    const float* xc = xp + c * kChunk;
-    for (int r = 0; r < kRows; ++r) {
-      __m256i lane[2][2];  // [h][e]
-      for (int h = 0; h < 2; ++h) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + r * kChunkBytes + 32 * h));
-        lane[h][0] = w;
-        lane[h][1] = _mm256_srli_epi32(w, 16);
-      }
-      __m256 acc[MB][2];
-      for (int b = 0; b < MB; ++b) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
-      for (int i = 0; i < 4; ++i) {
-        const __m256i mask = _mm256_set1_epi32(0xF << (4 * i));
-        for (int h = 0; h < 2; ++h)
-          for (int e = 0; e < 2; ++e) {
-            const __m256 u = _mm256_cvtepi32_ps(_mm256_and_si256(lane[h][e], mask));
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m256 acc[MB][NV][2];
+    for (int b = 0; b < MB; ++b)
+      for (int v = 0; v < NV; ++v) acc[b][v][0] = acc[b][v][1] = _mm256_setzero_ps();
+    for (int64_t c = g * kpg; c < (g + 1) * kpg; ++c) {
+      const float* xc = xp + c * kBlockK;
+      for (int v = 0; v < NV; ++v) {
+        const uint8_t* blk = w[v] + c * kBlockBytes;
+        _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocks * kBlockBytes), _MM_HINT_T0);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * h));
+          const __m256i hi = _mm256_srli_epi32(lo, 16);
+#pragma GCC unroll 8
+          for (int j = 0; j < 8; ++j) {  // input 8c + j = 8c + 2i + e
+            const int i = j / 2, e = j % 2;
+            const __m256i mask = _mm256_set1_epi32(0xF << (4 * i));
+            const __m256 u = _mm256_cvtepi32_ps(_mm256_and_si256(e ? hi : lo, mask));
             for (int b = 0; b < MB; ++b)
-              acc[b][e] = _mm256_fmadd_ps(u, _mm256_loadu_ps(xc + b * k + xp_index(h, i, e)), acc[b][e]);
-          }
-        if ((i + 1) % quarters_per_group == 0) {
-          const int64_t g = gs < kChunk ? (c * 4 + i) / quarters_per_group : c / cpg;
-          const __m256 s = _mm256_set1_ps(sc[g * kRows + r]);
-          for (int b = 0; b < MB; ++b) {
-            tot[b][r] = _mm256_fmadd_ps(_mm256_add_ps(acc[b][0], acc[b][1]), s, tot[b][r]);
-            acc[b][0] = acc[b][1] = _mm256_setzero_ps();
+              acc[b][v][h] = _mm256_fmadd_ps(u, _mm256_broadcast_ss(xc + b * p.k + j), acc[b][v][h]);
           }
         }
       }
     }
-  }
-  for (int b = 0; b < MB; ++b)
-    for (int r = 0; r < kRows; ++r) {
-      float corr = 0.f;
-      for (int64_t g = 0; g < groups; ++g) corr += sc[g * kRows + r] * xoff[b * groups + g];
-      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(tot[b][r]), _mm256_extractf128_ps(tot[b][r], 1));
-      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      res[b * kRows + r] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q))) - corr;
+    for (int b = 0; b < MB; ++b) {
+      const __m256 off = _mm256_set1_ps(xoff[b * p.groups + g]);
+      for (int v = 0; v < NV; ++v)
+        for (int h = 0; h < 2; ++h) {
+          float* tot = res + (b * NV + v) * kTile + 8 * h;
+          _mm256_storeu_ps(tot, _mm256_fmadd_ps(_mm256_sub_ps(acc[b][v][h], off),
+                                                _mm256_loadu_ps(s[v] + g * kTile + 8 * h), _mm256_loadu_ps(tot)));
+        }
     }
+  }
 }
 
 }  // namespace
@@ -94,14 +88,7 @@ bool avx2_supported() {
 void avx2_prepare(const float* x, const Problem& p, float* xp, float* xoff) {
   for (int64_t b = 0; b < p.m; ++b) {
     const float* xb = x + b * p.k;
-    for (int64_t c = 0; c < p.k / kChunk; ++c) {
-      float* out = xp + b * p.k + c * kChunk;
-      for (int64_t h = 0; h < 2; ++h)
-        for (int64_t i = 0; i < 4; ++i)
-          for (int64_t e = 0; e < 2; ++e)
-            for (int64_t d = 0; d < 8; ++d)
-              out[xp_index(h, i, e) + d] = xb[c * kChunk + 32 * i + 16 * h + 2 * d + e] * (1.f / float(1 << (4 * i)));
-    }
+    for (int64_t kk = 0; kk < p.k; ++kk) xp[b * p.k + kk] = xb[kk] * (1.f / float(1 << (4 * ((kk % kBlockK) / 2))));
     for (int64_t g = 0; g < p.groups; ++g) {
       float s = 0.f;
       for (int64_t i = 0; i < p.gs; ++i) s += xb[g * p.gs + i];
@@ -111,27 +98,29 @@ void avx2_prepare(const float* x, const Problem& p, float* xp, float* xoff) {
 }
 
 void avx2_tiles(const float* xp, const float* xoff, const Problem& p, int64_t t0, int64_t t1, const Out& out) {
-  float res[kBlock * kRows];
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* q = p.qw + t * p.tile_bytes();
-    const float* s = p.sc + t * p.groups * kRows;
+  float res[kMaxRows * 2 * kTile];
+  for (int64_t t = t0; t < t1;) {
+    // One row: 2 tiles at once (4 accumulator chains); more rows: one tile, each unpacked vector serving them all.
+    const int64_t nv = p.m == 1 && t + 1 < t1 ? 2 : 1;
     for (int64_t i = 0; i < p.m;) {
-      const int64_t left = p.m - i;
-      const int64_t mb = left >= kBlock ? kBlock : left;
+      const int64_t mb = std::min<int64_t>(kMaxRows, p.m - i);
       const float* xi = xp + i * p.k;
       const float* oi = xoff + i * p.groups;
-      if (mb == 4)
-        tile_block<4>(xi, p.k, oi, p.groups, q, s, p.gs, res);
-      else if (mb == 3)
-        tile_block<3>(xi, p.k, oi, p.groups, q, s, p.gs, res);
+      if (nv == 2)
+        block<1, 2>(xi, oi, p, t, res);
+      else if (mb == 1)
+        block<1, 1>(xi, oi, p, t, res);
       else if (mb == 2)
-        tile_block<2>(xi, p.k, oi, p.groups, q, s, p.gs, res);
+        block<2, 1>(xi, oi, p, t, res);
+      else if (mb == 3)
+        block<3, 1>(xi, oi, p, t, res);
       else
-        tile_block<1>(xi, p.k, oi, p.groups, q, s, p.gs, res);
+        block<4, 1>(xi, oi, p, t, res);
       for (int64_t b = 0; b < mb; ++b)
-        for (int64_t r = 0; r < kRows; ++r) out.put((i + b) * p.n + t * kRows + r, res[b * kRows + r]);
+        for (int64_t j = 0; j < nv * kTile; ++j) out.put((i + b) * p.n + t * kTile + j, res[b * nv * kTile + j]);
       i += mb;
     }
+    t += nv;
   }
 }
 
