@@ -30,8 +30,8 @@ import torch
 from vllm_plugins.quantization import cpu_ext as ext
 
 TOL_GEMV, TOL_DEQUANT, TOL_BIAS = 6e-3, 1.2e-2, 2.0**-8
-SHAPES = [  # N, K, group size
-    (64, 256, 32), (96, 256, 64), (128, 512, 128), (32, 1024, 256), (16, 384, -1), (4, 128, 128), (44, 640, 128),
+SHAPES = [  # N, K, group size: 1..7 tiles (the AVX-512 path takes 4 at a time, 2 for one row), groups 32..-1
+    (64, 256, 32), (96, 256, 64), (112, 512, 128), (32, 1024, 256), (16, 384, -1), (48, 96, 96), (80, 640, 128),
 ]
 
 
@@ -55,28 +55,29 @@ def _rel_err(out, ref):
 
 def test_tile_layout_contract():
     """Decode qw and sc with the module docstring's formula, independently of pack_tiles."""
-    n, k, gs = 12, 384, 64
+    n, k, gs = 32, 384, 64
     u, s, _ = _weights(n, k, gs)
     qw, sc = ext.pack_tiles(u, s, gs)
-    assert qw.dtype == torch.uint8 and qw.shape == (n // 4, k // 128, 4, 64)
-    assert sc.dtype == torch.float32 and sc.shape == (n // 4, k // gs, 4)
+    assert qw.dtype == torch.uint8 and qw.shape == (n // 16, k // 8, 64)
+    assert sc.dtype == torch.float32 and sc.shape == (n // 16, k // gs, 16)
     q = qw.numpy().astype(np.uint32)
-    words = q[..., 0::2] | (q[..., 1::2] << 8)  # [t, c, r, j]
+    words = q[..., 0::2] | (q[..., 1::2] << 8)  # [t, c, w]
     decoded = np.zeros((n, k), dtype=np.int64)
-    for t in range(n // 4):
-        for c in range(k // 128):
-            for r in range(4):
-                for i in range(4):
-                    decoded[4 * t + r, 128 * c + 32 * i: 128 * c + 32 * i + 32] = (words[t, c, r] >> (4 * i)) & 15
+    for t in range(n // 16):
+        for c in range(k // 8):
+            for nn in range(16):
+                for e in range(2):
+                    for i in range(4):
+                        decoded[16 * t + nn, 8 * c + 2 * i + e] = (words[t, c, 2 * nn + e] >> (4 * i)) & 15
     np.testing.assert_array_equal(decoded, u.numpy())
-    for t in range(n // 4):
-        for r in range(4):
-            np.testing.assert_array_equal(sc[t, :, r].numpy(), s[:, 4 * t + r].numpy())
+    for t in range(n // 16):
+        for nn in range(16):
+            np.testing.assert_array_equal(sc[t, :, nn].numpy(), s[:, 16 * t + nn].numpy())
 
 
 @pytest.mark.parametrize("n, k, gs, why", [
-    (6, 128, 128, "multiple of 4"), (8, 192, 64, "multiple of 128"), (8, 256, 96, "group size 96"),
-    (8, 384, 256, "group size 256"), (8, 256, 16, "group size 16"),
+    (24, 128, 128, "multiple of 16"), (16, 200, 40, "multiple of 32"), (16, 256, 96, "group size 96"),
+    (16, 384, 256, "group size 256"), (16, 256, 16, "group size 16"),
 ])
 def test_tile_problem_names_the_shape(n, k, gs, why):
     assert why in ext.tile_problem(n, k, gs)
@@ -106,7 +107,7 @@ def test_paths_follow_cpu_flags(loaded):
     expected = tuple(isa for isa in ext.ISAS if ISA_FLAGS[isa] <= flags)
     assert ext.supported_isas() == expected
     assert ext.has_fast_path() == (expected[0] != "portable")
-    u, s, _ = _weights(8, 128, 128)
+    u, s, _ = _weights(16, 128, 128)
     qw, sc = ext.pack_tiles(u, s, 128)
     for isa in set(ext.ISAS) - set(expected):
         with pytest.raises(RuntimeError, match=f"cannot run the {isa} path"):
@@ -164,7 +165,7 @@ def test_linear_both_paths_vs_float64(loaded, n, k, gs, isa):
     _need(isa)
     u, s, w = _weights(n, k, gs)
     qw, sc = ext.pack_tiles(u, s, gs)
-    assert torch.equal(ext.dequantize(qw, sc, gs, isa), w.to(torch.bfloat16))
+    assert torch.equal(ext.dequantize(qw, sc, gs), w.to(torch.bfloat16))
     bias = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
     cross = ext.dequant_min_rows(isa)
     for rows, tol in ((cross - 1, TOL_GEMV), (cross, TOL_DEQUANT)):
@@ -188,7 +189,7 @@ def test_linear_under_torch_compile(loaded):
 
 
 def test_bad_arguments_are_clear_errors(loaded):
-    u, s, _ = _weights(8, 256, 64)
+    u, s, _ = _weights(16, 256, 64)
     qw, sc = ext.pack_tiles(u, s, 64)
     x = torch.randn(1, 256).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="x must be 2-D bfloat16 or float32"):

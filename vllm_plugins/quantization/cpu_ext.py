@@ -52,10 +52,13 @@ ISAS = ("avx512bf16", "avx2", "portable")  # best first
 ISA_ENV = "VLLM_PLUGINS_INT4_ISA"
 TILE, BLOCK_K = 16, 8  # outputs per tile, inputs per 64-byte block
 LIB_NAME = "vllm_plugins_cpu"
-# Per path: from this many activation rows on, dequantizing to bfloat16 and
-# running a GEMM beats the tile kernel (crossover measured with
-# scripts/bench_int4_cpu.py, one thread; see the README).
-DEQUANT_MIN_ROWS = {"avx512bf16": 32, "avx2": 32, "portable": 1}
+# Per path: from this many activation rows on, dequantizing to bfloat16 (plain
+# C++) and running aten's bfloat16 GEMM beats the tile kernel. From
+# scripts/bench_int4_cpu.py, one thread, 0.5B shapes: the AVX-512 tile kernel
+# costs about 14 ms per row and step, the dequantization about 1.6 s plus
+# about 5 ms per row (loaded machine), so the crossover is near 170 rows; the
+# AVX2 path is taken to cross at the same place (not measured on an AVX2 CPU).
+DEQUANT_MIN_ROWS = {"avx512bf16": 128, "avx2": 128, "portable": 1}
 
 
 def compiler() -> str | None:

@@ -28,6 +28,7 @@ namespace {
 
 constexpr int kMaxRows = 4;             // activation rows per pass (MB)
 constexpr int kMaxTiles = 4;            // tiles per pass (NV); MB x NV accumulators
+constexpr int kOneRowTiles = 2;         // one row: 2 tiles x 4 accumulators (bandwidth-bound)
 constexpr int64_t kPrefetchBlocks = 16;  // blocks ahead in each tile's stream (1 KiB)
 
 VP_AVX512 inline __m512bh pair_of(const uint16_t* x) {  // x[0], x[1] in every 32-bit lane
@@ -39,7 +40,7 @@ VP_AVX512 inline __m512bh pair_of(const uint16_t* x) {  // x[0], x[1] in every 3
 // MB rows x NV tiles starting at tile t; res[b][v * 16 + n].
 template <int MB, int NV>
 VP_AVX512 void block(const uint16_t* x, const float* xoff, const Problem& p, int64_t t, float* res) {
-  constexpr int NA = MB == 1 ? 2 : 1;  // one row: two accumulator sets hide the dot-product latency
+  constexpr int NA = MB == 1 ? 4 : 1;  // one row: an accumulator set per input pair hides the dot-product latency
   const int64_t kpg = p.gs / kBlockK;  // blocks per group
   const __m512i low4 = _mm512_set1_epi16(0x000F);
   const __m512i bias = _mm512_set1_epi16(0x4300);
@@ -78,7 +79,8 @@ VP_AVX512 void block(const uint16_t* x, const float* xoff, const Problem& p, int
     for (int b = 0; b < MB; ++b) {
       const __m512 off = _mm512_set1_ps(xoff[b * p.groups + g]);
       for (int v = 0; v < NV; ++v) {
-        const __m512 sum = NA == 2 ? _mm512_add_ps(acc[0][b][v], acc[NA - 1][b][v]) : acc[0][b][v];
+        __m512 sum = acc[0][b][v];
+        for (int a = 1; a < NA; ++a) sum = _mm512_add_ps(sum, acc[a][b][v]);
         float* tot = res + (b * NV + v) * kTile;
         _mm512_storeu_ps(tot, _mm512_fmadd_ps(_mm512_sub_ps(sum, off), _mm512_loadu_ps(s[v] + g * kTile),
                                               _mm512_loadu_ps(tot)));
@@ -116,8 +118,9 @@ void avx512_offsets(const uint16_t* x, const Problem& p, float* xoff) {
 
 void avx512_tiles(const uint16_t* x, const float* xoff, const Problem& p, int64_t t0, int64_t t1, const Out& out) {
   float res[kMaxRows * kMaxTiles * kTile];
-  for (int64_t t = t0; t < t1; t += kMaxTiles) {
-    const int64_t nv = std::min<int64_t>(kMaxTiles, t1 - t);
+  const int64_t tiles = p.m == 1 ? kOneRowTiles : kMaxTiles;
+  for (int64_t t = t0; t < t1; t += tiles) {
+    const int64_t nv = std::min<int64_t>(tiles, t1 - t);
     for (int64_t i = 0; i < p.m;) {
       const int64_t mb = std::min<int64_t>(kMaxRows, p.m - i);
       const uint16_t* xi = x + i * p.k;
