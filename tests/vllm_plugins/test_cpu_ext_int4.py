@@ -144,6 +144,24 @@ def test_int4_gemm_vs_float64(loaded, n, k, gs, isa):
         assert err <= TOL_GEMV, (m, err)
 
 
+@pytest.mark.parametrize("isa", ext.ISAS)
+def test_threads_split_tiles_exactly(loaded, isa):
+    """at::parallel_for splits output tiles; every output is computed by one thread the same way."""
+    _need(isa)
+    u, s, _ = _weights(16 * 13, 256, 64)
+    qw, sc = ext.pack_tiles(u, s, 64)
+    before = torch.get_num_threads()
+    try:
+        for m in (1, 5):
+            x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+            torch.set_num_threads(1)
+            one = ext.int4_gemm(x, qw, sc, 64, isa)
+            torch.set_num_threads(2)
+            assert torch.equal(ext.int4_gemm(x, qw, sc, 64, isa), one)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "portable", "avx512bf16"])
 def test_float32_activations_vs_float64(loaded, isa):
     """float32 x: exact float32 arithmetic on avx2/portable (avx512bf16 hands it to avx2); float32 out."""
