@@ -1,4 +1,4 @@
-"""The compiled CPU int4 GEMM (``vllm_plugins/quantization/csrc/int4_gemv.cpp``).
+"""The compiled CPU int4 GEMM (``vllm_plugins/quantization/csrc/``: int4_ops.cpp, int4_avx512.cpp, int4_avx2.cpp).
 
 Ladder: the tile layout as a contract (decoded here with the docstring's
 formula, independently of the packer), the choice of path from the CPU flags
