@@ -1,17 +1,30 @@
-"""CPU int4 GEMM microbenchmark: the linears of one decode step, bf16 vs aten int4 vs the plugin's tile GEMV.
+"""CPU int4 GEMM microbenchmark: the linears of one decode step, bf16 vs aten int4 vs the plugin's tile kernel.
 
 Random weights shaped like a Llama's linears (qkv, o, gate_up, down) for
 ``--layers`` layers; each step runs all of them in turn, so the weights come
-from memory as in decode, not from cache. Prints the median time per step and
-the ratio to bf16 (oneDNN through ``F.linear``) for each batch size.
+from memory as in decode, not from cache. Kinds:
 
-    python scripts/bench_int4_cpu.py [--threads 1] [--hidden 1536 --intermediate 4096 --layers 20]
+- ``bf16``: ``F.linear`` (aten, oneDNN) on the bfloat16 weight;
+- ``bf16 vLLM``: vLLM's CPU bf16 GEMM (``onednn_mm`` on a prepacked weight),
+  what ``vllm serve`` runs for an unquantized checkpoint on this CPU;
+- ``aten int4``: ``aten._weight_int4pack_mm_for_cpu``;
+- ``tile <isa>``: the plugin's op (``cpu_ext.linear``) on each ``--isa`` path.
+
+Kinds take turns within each repeat (so the load of a shared machine falls on
+all of them alike) and the table shows the fastest repeat, in ms per step, and
+each kind's speed-up over ``bf16 vLLM`` (``bf16`` where vLLM's op is missing).
+
+At 1 row it also prints this core's streaming read bandwidth (the fastest of
+``sum`` and ``amax`` over a float32 buffer of ``--stream-mib``, well beyond the
+L3) and the tile kernel's weight bytes per second (packed nibbles + scales) as a
+share of it.
+
+    python scripts/bench_int4_cpu.py [--threads 1] [--isa avx512bf16,avx2] [--rows 1,2,4,8,16,32]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,7 +34,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def build(hidden: int, intermediate: int, layers: int, group_size: int):
+def vllm_onednn():
+    """vLLM's CPU bf16 GEMM (create_onednn_mm / onednn_mm), or None where this build lacks it."""
+    try:
+        from vllm import _custom_ops as ops
+        from vllm.platforms import current_platform
+
+        current_platform.import_kernels()
+        if not (getattr(ops, "_supports_onednn", False) and hasattr(torch.ops._C, "onednn_mm")):
+            return None
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    return ops
+
+
+def build(hidden: int, intermediate: int, layers: int, group_size: int, ops):
     from vllm_plugins.quantization import cpu_ext
     from vllm_plugins.quantization.cpu_int4 import pack_for_cpu
 
@@ -30,26 +57,43 @@ def build(hidden: int, intermediate: int, layers: int, group_size: int):
     weights = []
     for _ in range(layers):
         for n, k in shapes:
-            u = torch.randint(0, 16, (n, k), generator=gen)
+            u = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
             s = (torch.rand(k // group_size, n, generator=gen) * 0.01).to(torch.bfloat16)
             packed, g, sz = pack_for_cpu(u, s, group_size, torch.bfloat16)
             qw, sc = cpu_ext.pack_tiles(u, s.float(), group_size)
             bf16 = ((u - 8).to(torch.bfloat16) * 0.01).contiguous()
-            weights.append({"k": k, "bf16": bf16, "aten": (packed, g, sz), "tile": (qw, sc)})
+            w = {"k": k, "bf16": bf16, "aten": (packed, g, sz), "tile": (qw, sc)}
+            if ops is not None:
+                w["onednn"] = ops.create_onednn_mm(bf16.t(), 32)
+            weights.append(w)
     return weights
 
 
-def step(weights, xs, kind: str, group_size: int) -> None:
+def step(weights, xs, kind: str, group_size: int, ops) -> None:
     from vllm_plugins.quantization import cpu_ext
 
     for w in weights:
         x = xs[w["k"]]
         if kind == "bf16":
             torch.nn.functional.linear(x, w["bf16"])
+        elif kind == "bf16 vLLM":
+            ops.onednn_mm(w["onednn"], x, None)
         elif kind == "aten int4":
             torch.ops.aten._weight_int4pack_mm_for_cpu(x, *w["aten"])
         else:
-            cpu_ext.linear(x, *w["tile"], group_size)
+            cpu_ext.linear(x, *w["tile"], group_size, isa=kind.split()[-1])
+
+
+def read_bandwidth(mib: int, repeats: int) -> float:
+    """Bytes/s of a plain streaming read (fastest of sum and amax over a float32 buffer of ``mib`` MiB)."""
+    buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        for reduce in (torch.sum, torch.amax):
+            t0 = time.perf_counter()
+            reduce(buf)
+            best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best
 
 
 def main() -> int:
@@ -61,36 +105,55 @@ def main() -> int:
     p.add_argument("--intermediate", type=int, default=4096)
     p.add_argument("--layers", type=int, default=20)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--rows", default="1,2,4,16,32,128", help="batch sizes (activation rows)")
+    p.add_argument("--rows", default="1,2,4,8,16,32", help="batch sizes (activation rows)")
+    p.add_argument("--isa", default=None,
+                   help=f"tile kernel paths, comma-separated, of {', '.join(cpu_ext.ISAS)} "
+                        f"(default: the one the layers run, ${cpu_ext.ISA_ENV} or the best)")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--stream-mib", type=int, default=1024, help="buffer for the read bandwidth (0: skip)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not cpu_ext.load():
         print("the CPU int4 extension did not build; see the warning above")
         return 1
-    weights = build(args.hidden, args.intermediate, args.layers, args.group_size)
+    isas = args.isa.split(",") if args.isa else [cpu_ext.selected_isa()]
+    for isa in isas:
+        if not cpu_ext.isa_supported(isa):
+            print(f"--isa {isa}: this CPU cannot run that path (it runs {', '.join(cpu_ext.supported_isas())})")
+            return 2
+    ops = vllm_onednn()
+    weights = build(args.hidden, args.intermediate, args.layers, args.group_size, ops)
     n_params = sum(w["bf16"].numel() for w in weights)
-    kinds = ["bf16", "aten int4", "tile int4"]
+    tile_bytes = sum(w["tile"][0].numel() + w["tile"][1].numel() * 4 for w in weights)
+    base = "bf16 vLLM" if ops is not None else "bf16"
+    kinds = ["bf16", *([base] if ops is not None else []), "aten int4", *(f"tile {isa}" for isa in isas)]
     print(f"\nLinears of one step: {n_params / 1e6:.0f}M weights ({args.layers} layers, hidden {args.hidden}, "
-          f"intermediate {args.intermediate}), group {args.group_size}, {args.threads} thread(s), "
-          f"tile AVX512-BF16 path: {'yes' if cpu_ext.has_fast_path() else 'no (portable C++)'}; "
-          f"median of {args.repeats}, ms per step")
-    print("| rows | " + " | ".join(kinds) + " | aten vs bf16 | tile vs bf16 | tile vs aten |")
-    print("|---" * (len(kinds) + 4) + "|")
+          f"intermediate {args.intermediate}), group {args.group_size}, {args.threads} thread(s); "
+          f"fastest of {args.repeats}, ms per step; speed-up = {base} time / kind time")
+    print("| rows | " + " | ".join(kinds) + " | " + " | ".join(f"{k} vs {base}" for k in kinds if k != base) + " |")
+    print("|---" * (2 * len(kinds)) + "|")
+    one_row = {}
     for rows in (int(r) for r in args.rows.split(",")):
         xs = {k: torch.randn(rows, k).to(torch.bfloat16) for k in (args.hidden, args.intermediate)}
-        ms = {}
+        best = {kind: float("inf") for kind in kinds}
         for kind in kinds:
-            step(weights, xs, kind, args.group_size)  # warm-up
-            times = []
-            for _ in range(args.repeats):
+            step(weights, xs, kind, args.group_size, ops)  # warm-up
+        for _ in range(args.repeats):
+            for kind in kinds:
                 t0 = time.perf_counter()
-                step(weights, xs, kind, args.group_size)
-                times.append(time.perf_counter() - t0)
-            ms[kind] = statistics.median(times) * 1e3
-        print(f"| {rows} | " + " | ".join(f"{ms[k]:.1f}" for k in kinds)
-              + f" | {ms['bf16'] / ms['aten int4']:.2f}x | {ms['bf16'] / ms['tile int4']:.2f}x"
-              f" | {ms['aten int4'] / ms['tile int4']:.2f}x |")
+                step(weights, xs, kind, args.group_size, ops)
+                best[kind] = min(best[kind], time.perf_counter() - t0)
+        if rows == 1:
+            one_row = best
+        print(f"| {rows} | " + " | ".join(f"{best[k] * 1e3:.1f}" for k in kinds) + " | "
+              + " | ".join(f"{best[base] / best[k]:.2f}x" for k in kinds if k != base) + " |")
+    if one_row and args.stream_mib:
+        bw = read_bandwidth(args.stream_mib, args.repeats)
+        print(f"\nStreaming read, {args.threads} thread(s), {args.stream_mib} MiB float32: {bw / 1e9:.1f} GB/s")
+        for isa in isas:
+            got = tile_bytes / one_row[f"tile {isa}"]
+            print(f"tile {isa} at 1 row: {tile_bytes / 1e6:.0f} MB of weights+scales per step, "
+                  f"{got / 1e9:.1f} GB/s = {100 * got / bw:.0f}% of the streaming read")
     return 0
 
 

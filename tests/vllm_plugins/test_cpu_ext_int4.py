@@ -1,8 +1,12 @@
-"""The compiled CPU int4 GEMM (``vllm_plugins/quantization/csrc/int4_gemv.cpp``).
+"""The compiled CPU int4 GEMM (``vllm_plugins/quantization/csrc/``: int4_ops.cpp, int4_avx512.cpp, int4_avx2.cpp).
 
 Ladder: the tile layout as a contract (decoded here with the docstring's
-formula, independently of the packer), then the op against float64
-``x @ ((u - 8) * s).T`` for the AVX512-BF16 path and the portable path.
+formula, independently of the packer), the choice of path from the CPU flags
+and ``VLLM_PLUGINS_INT4_ISA``, then the op against float64
+``x @ ((u - 8) * s).T`` on every path this CPU runs (``avx512bf16``, ``avx2``,
+``portable``; a path whose flags the CPU lacks is skipped, never run), for
+1..33 activation rows (every register-block size and remainder) and group sizes
+32, 64, 128, 256 and per-channel.
 
 Tolerance: max |out - ref| / max |ref| <= 6e-3. The op takes bfloat16
 activations exactly (the reference uses the same bfloat16 values), multiplies
@@ -11,7 +15,8 @@ and accumulates in float32 and rounds the result to bfloat16 (relative step
 moves outputs by far more (a single flipped nibble of weight ~1/16 of a row's
 terms). The dequantize-then-GEMM path (from ``DEQUANT_MIN_ROWS`` rows) also
 rounds each weight to bfloat16: 1.2e-2 there. Adding a bfloat16 bias rounds
-once more: + 2^-8 (``TOL_BIAS``).
+once more: + 2^-8 (``TOL_BIAS``). float32 activations (avx2, portable) keep
+float32 throughout: 1e-5.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import torch
 from vllm_plugins.quantization import cpu_ext as ext
 
 TOL_GEMV, TOL_DEQUANT, TOL_BIAS = 6e-3, 1.2e-2, 2.0**-8
-SHAPES = [  # N, K, group size
-    (64, 256, 32), (96, 256, 64), (128, 512, 128), (32, 1024, 256), (16, 384, -1), (4, 128, 128), (44, 640, 128),
+SHAPES = [  # N, K, group size: 1..7 tiles (the AVX-512 path takes 4 at a time, 2 for one row), groups 32..-1
+    (64, 256, 32), (96, 256, 64), (112, 512, 128), (32, 1024, 256), (16, 384, -1), (48, 96, 96), (80, 640, 128),
 ]
 
 
@@ -50,28 +55,29 @@ def _rel_err(out, ref):
 
 def test_tile_layout_contract():
     """Decode qw and sc with the module docstring's formula, independently of pack_tiles."""
-    n, k, gs = 12, 384, 64
+    n, k, gs = 32, 384, 64
     u, s, _ = _weights(n, k, gs)
     qw, sc = ext.pack_tiles(u, s, gs)
-    assert qw.dtype == torch.uint8 and qw.shape == (n // 4, k // 128, 4, 64)
-    assert sc.dtype == torch.float32 and sc.shape == (n // 4, k // gs, 4)
+    assert qw.dtype == torch.uint8 and qw.shape == (n // 16, k // 8, 64)
+    assert sc.dtype == torch.float32 and sc.shape == (n // 16, k // gs, 16)
     q = qw.numpy().astype(np.uint32)
-    words = q[..., 0::2] | (q[..., 1::2] << 8)  # [t, c, r, j]
+    words = q[..., 0::2] | (q[..., 1::2] << 8)  # [t, c, w]
     decoded = np.zeros((n, k), dtype=np.int64)
-    for t in range(n // 4):
-        for c in range(k // 128):
-            for r in range(4):
-                for i in range(4):
-                    decoded[4 * t + r, 128 * c + 32 * i: 128 * c + 32 * i + 32] = (words[t, c, r] >> (4 * i)) & 15
+    for t in range(n // 16):
+        for c in range(k // 8):
+            for nn in range(16):
+                for e in range(2):
+                    for i in range(4):
+                        decoded[16 * t + nn, 8 * c + 2 * i + e] = (words[t, c, 2 * nn + e] >> (4 * i)) & 15
     np.testing.assert_array_equal(decoded, u.numpy())
-    for t in range(n // 4):
-        for r in range(4):
-            np.testing.assert_array_equal(sc[t, :, r].numpy(), s[:, 4 * t + r].numpy())
+    for t in range(n // 16):
+        for nn in range(16):
+            np.testing.assert_array_equal(sc[t, :, nn].numpy(), s[:, 16 * t + nn].numpy())
 
 
 @pytest.mark.parametrize("n, k, gs, why", [
-    (6, 128, 128, "multiple of 4"), (8, 192, 64, "multiple of 128"), (8, 256, 96, "group size 96"),
-    (8, 384, 256, "group size 256"), (8, 256, 16, "group size 16"),
+    (24, 128, 128, "multiple of 16"), (16, 200, 40, "multiple of 32"), (16, 256, 96, "group size 96"),
+    (16, 384, 256, "group size 256"), (16, 256, 16, "group size 16"),
 ])
 def test_tile_problem_names_the_shape(n, k, gs, why):
     assert why in ext.tile_problem(n, k, gs)
@@ -79,39 +85,112 @@ def test_tile_problem_names_the_shape(n, k, gs, why):
         ext.pack_tiles(torch.zeros(n, k, dtype=torch.int32), torch.ones(max(1, k // abs(gs)), n), gs)
 
 
-def test_fast_path_follows_cpu_flags(loaded):
-    flags = set()
+def _cpu_flags() -> set[str]:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    assert ext.has_fast_path() == ({"avx512f", "avx512bw", "avx512_bf16"} <= flags)
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["best", "portable"])
+ISA_FLAGS = {"avx512bf16": {"avx512f", "avx512bw", "avx512_bf16"}, "avx2": {"avx2", "fma"}, "portable": set()}
+
+
+def _need(isa):
+    """The ISA tests run only where the CPU has the flags (never AVX-512 code on an AVX2-only CPU)."""
+    if not ISA_FLAGS[isa] <= _cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(ISA_FLAGS[isa] - _cpu_flags())}")
+
+
+def test_paths_follow_cpu_flags(loaded):
+    """The library's choice comes from the CPU flags; best first; the op refuses a path the CPU lacks."""
+    flags = _cpu_flags()
+    expected = tuple(isa for isa in ext.ISAS if ISA_FLAGS[isa] <= flags)
+    assert ext.supported_isas() == expected
+    assert ext.has_fast_path() == (expected[0] != "portable")
+    u, s, _ = _weights(16, 128, 128)
+    qw, sc = ext.pack_tiles(u, s, 128)
+    for isa in set(ext.ISAS) - set(expected):
+        with pytest.raises(RuntimeError, match=f"cannot run the {isa} path"):
+            ext.int4_gemm(torch.zeros(1, 128, dtype=torch.bfloat16), qw, sc, 128, isa)
+
+
+def test_isa_env_var_forces_and_validates(loaded, monkeypatch):
+    monkeypatch.delenv(ext.ISA_ENV, raising=False)
+    assert ext.selected_isa() == ext.supported_isas()[0]
+    for isa in ext.supported_isas():
+        monkeypatch.setenv(ext.ISA_ENV, isa)
+        assert ext.selected_isa() == isa
+    monkeypatch.setenv(ext.ISA_ENV, "avx9000")
+    with pytest.raises(ValueError, match=f"{ext.ISA_ENV}='avx9000': expected one of avx512bf16, avx2, portable"):
+        ext.selected_isa()
+
+
+ROWS_ALL = tuple(range(1, 34))
+ROWS_SOME = (1, 2, 3, 4, 5, 7, 8, 16, 33)
+
+
+@pytest.mark.parametrize("isa", ext.ISAS)
 @pytest.mark.parametrize("n, k, gs", SHAPES)
-def test_int4_gemm_vs_float64(loaded, n, k, gs, portable):
+def test_int4_gemm_vs_float64(loaded, n, k, gs, isa):
+    """Every path, every row count of a register block and its remainders (1..33 on two shapes)."""
+    _need(isa)
     u, s, w = _weights(n, k, gs)
     qw, sc = ext.pack_tiles(u, s, gs)
-    for m in (1, 2, 3, 4, 5, 9):
+    for m in ROWS_ALL if (n, k, gs) in SHAPES[:3] else ROWS_SOME:
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
-        out = ext.int4_gemm(x, qw, sc, gs, portable)
+        out = ext.int4_gemm(x, qw, sc, gs, isa)
         assert out.dtype == torch.bfloat16 and out.shape == (m, n)
         err = _rel_err(out, x.double() @ w.t())
         assert err <= TOL_GEMV, (m, err)
 
 
+@pytest.mark.parametrize("isa", ext.ISAS)
+def test_threads_split_tiles_exactly(loaded, isa):
+    """at::parallel_for splits output tiles; every output is computed by one thread the same way."""
+    _need(isa)
+    u, s, _ = _weights(16 * 13, 256, 64)
+    qw, sc = ext.pack_tiles(u, s, 64)
+    before = torch.get_num_threads()
+    try:
+        for m in (1, 5):
+            x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+            torch.set_num_threads(1)
+            one = ext.int4_gemm(x, qw, sc, 64, isa)
+            torch.set_num_threads(2)
+            assert torch.equal(ext.int4_gemm(x, qw, sc, 64, isa), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable", "avx512bf16"])
+def test_float32_activations_vs_float64(loaded, isa):
+    """float32 x: exact float32 arithmetic on avx2/portable (avx512bf16 hands it to avx2); float32 out."""
+    _need(isa)
+    for n, k, gs in SHAPES[:5]:
+        u, s, w = _weights(n, k, gs)
+        qw, sc = ext.pack_tiles(u, s, gs)
+        for m in (1, 2, 5, 9):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            out = ext.int4_gemm(x, qw, sc, gs, isa)
+            assert out.dtype == torch.float32 and out.shape == (m, n)
+            assert _rel_err(out, x.double() @ w.t()) <= 1e-5, (n, k, gs, m)
+
+
+@pytest.mark.parametrize("isa", ext.ISAS)
 @pytest.mark.parametrize("n, k, gs", SHAPES[:3])
-def test_linear_both_paths_vs_float64(loaded, n, k, gs):
-    """``linear`` with bias and leading dims: GEMV below DEQUANT_MIN_ROWS rows, dequantized GEMM from it."""
+def test_linear_both_paths_vs_float64(loaded, n, k, gs, isa):
+    """``linear`` with bias and leading dims: tile kernel below the crossover, dequantized GEMM from it."""
+    _need(isa)
     u, s, w = _weights(n, k, gs)
     qw, sc = ext.pack_tiles(u, s, gs)
-    for portable in (False, True):
-        assert torch.equal(ext.dequantize(qw, sc, gs, portable), w.to(torch.bfloat16))
+    assert torch.equal(ext.dequantize(qw, sc, gs), w.to(torch.bfloat16))
     bias = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
-    for rows, tol in ((ext.DEQUANT_MIN_ROWS - 1, TOL_GEMV), (ext.DEQUANT_MIN_ROWS, TOL_DEQUANT)):
+    cross = ext.dequant_min_rows(isa)
+    for rows, tol in ((cross - 1, TOL_GEMV), (cross, TOL_DEQUANT)):
+        if rows < 1:
+            continue
         x = torch.randn(1, rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
-        out = ext.linear(x, qw, sc, gs, bias)
+        out = ext.linear(x, qw, sc, gs, bias, isa)
         assert out.shape == (1, rows, n)
         assert _rel_err(out, x.double() @ w.t() + bias.double()) <= tol + TOL_BIAS
 
@@ -122,20 +201,22 @@ def test_linear_under_torch_compile(loaded):
     u, s, _ = _weights(n, k, gs)
     qw, sc = ext.pack_tiles(u, s, gs)
     compiled = torch.compile(lambda x: ext.linear(x, qw, sc, gs) * 2, fullgraph=True, dynamic=True)
-    for rows in (1, 3, ext.DEQUANT_MIN_ROWS + 1):
+    for rows in (1, 3, ext.dequant_min_rows(ext.selected_isa()) + 1):
         x = torch.randn(rows, k).to(torch.bfloat16)
         assert torch.equal(compiled(x), ext.linear(x, qw, sc, gs) * 2)
 
 
 def test_bad_arguments_are_clear_errors(loaded):
-    u, s, _ = _weights(8, 256, 64)
+    u, s, _ = _weights(16, 256, 64)
     qw, sc = ext.pack_tiles(u, s, 64)
     x = torch.randn(1, 256).to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="x must be 2-D bfloat16"):
-        ext.int4_gemm(x.float(), qw, sc, 64)
+    with pytest.raises(RuntimeError, match="x must be 2-D bfloat16 or float32"):
+        ext.int4_gemm(x.half(), qw, sc, 64)
     with pytest.raises(RuntimeError, match="x has 128 inputs"):
         ext.int4_gemm(x[:, :128], qw, sc, 64)
     with pytest.raises(RuntimeError, match="scales must be float32"):
         ext.int4_gemm(x, qw, sc, 128)
     with pytest.raises(RuntimeError, match="group size 48"):
         ext.int4_gemm(x, qw, sc, 48)
+    with pytest.raises(RuntimeError, match="unknown ISA 'sse'"):
+        ext.int4_gemm(x, qw, sc, 64, "sse")

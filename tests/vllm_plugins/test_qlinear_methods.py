@@ -156,11 +156,25 @@ def _best_cpu_int4(dtype) -> str:
 def test_plugin_cpu_int4_kernel_preferred(vllm_tp1):
     """The native method runs our int4 kernels on CPU, also where vLLM would
     choose CPUWNA16 (bf16 on builds with cpu_gemm_wna16): the compiled tile
-    GEMV for bf16 on AVX512-BF16 CPUs, aten's int4 kernel otherwise."""
+    kernel for bf16 on AVX512-BF16 or AVX2 CPUs, aten's int4 kernel otherwise."""
     for dtype in (torch.float32, torch.bfloat16):
         y, ref, method = _run("qkv", 128, [128, 64, 64], {"scheme": "w4a16", "group_size": 32}, dtype)
         assert method.kernel_name == _best_cpu_int4(dtype)
         _check(y, ref, "w4a16", dtype)
+
+
+@pytest.mark.parametrize("kind, in_f, outs, gs, act_order", [W4_CASES[0], W4_CASES[3], W4_CASES[4]])
+def test_tile_kernel_avx2_path_forced(vllm_tp1, monkeypatch, kind, in_f, outs, gs, act_order):
+    """VLLM_PLUGINS_INT4_ISA=avx2: the tile kernel runs its AVX2 path (what an AVX2-only CPU gets)."""
+    from vllm_plugins.quantization import cpu_ext
+
+    if not cpu_ext.isa_supported("avx2"):
+        pytest.skip("this CPU lacks AVX2 + FMA")
+    monkeypatch.setenv(cpu_ext.ISA_ENV, "avx2")
+    y, ref, method = _run(kind, in_f, outs, {"scheme": "w4a16", "group_size": gs, "act_order": act_order},
+                          torch.bfloat16)
+    assert method.kernel_name == "TileInt4CPULinearKernel"
+    _check(y, ref, "w4a16", torch.bfloat16)
 
 
 @pytest.mark.parametrize("kind, in_f, outs, gs, act_order", [W4_CASES[1], W4_CASES[3], W4_CASES[5]])

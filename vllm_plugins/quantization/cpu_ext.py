@@ -1,23 +1,32 @@
-"""The plugin's compiled CPU W4A16 GEMM for decode (``csrc/int4_gemv.cpp``): build, load, pack, call.
+"""The plugin's compiled CPU W4A16 GEMM (``csrc/``): build, load, pack, choose the ISA path, call.
 
-It has an AVX512-BF16 path and a portable C++ path with the same layout,
-which the tests check too; :mod:`.cpu_int4` uses the op only where the fast
-path runs, and PyTorch's int4 kernel elsewhere.
+One tile layout, three paths in one library (``csrc/int4_kernels.h``):
+``avx512bf16`` (vdpbf16ps, bfloat16 activations), ``avx2`` (AVX2 + FMA, float32
+arithmetic, bfloat16 or float32 activations) and ``portable`` (plain C++, the
+reference). Each path is compiled with per-function target attributes and
+runs only where the CPU reports its flags: :func:`selected_isa` takes the best
+one, or the one ``VLLM_PLUGINS_INT4_ISA`` names (``avx512bf16``, ``avx2``,
+``portable``; for tests and benchmarks on a machine that has more).
+:mod:`.cpu_int4` uses the op where ``avx512bf16`` or ``avx2`` runs, and
+PyTorch's int4 kernel elsewhere.
 
-The source is compiled on first use with the system C++ compiler (``$CXX``
+The sources are compiled on first use with the system C++ compiler (``$CXX``
 or ``c++``), against the installed torch, into a cache folder keyed by the
-source, torch and compiler (``$VLLM_PLUGINS_CACHE`` or
+sources, torch and compiler (``$VLLM_PLUGINS_CACHE`` or
 ``~/.cache/vllm_plugins``). ``scripts/setup.sh`` builds it once up front.
 Where no compiler is found or the build fails, :func:`load` says why once and
 returns False; W4A16 then keeps PyTorch's int4 kernel.
 
 Tile layout (the contract :func:`pack_tiles` builds and the C++ reads; see
-the header of ``int4_gemv.cpp``): for stored nibbles ``u[N, K]`` (``q + 8``),
-``N % 4 == 0`` and ``K % 128 == 0``::
+``csrc/int4_kernels.h``): for stored nibbles ``u[N, K]`` (``q + 8``),
+``N % 16 == 0``, ``K % 32 == 0``, groups of a multiple of 32 inputs::
 
-    qw[t, c, r, 2*j : 2*j+2]  = little-endian uint16 word j, whose nibble i is
-                                u[4*t + r, 128*c + 32*i + j]
-    sc[t, g, r]               = float32 scale of row 4*t + r, group g
+    qw[t, c, 2*w : 2*w+2]  = little-endian uint16 word w = 2*n + e, whose nibble i is
+                             u[16*t + n, 8*c + 2*i + e]        (n < 16, e < 2, i < 4)
+    sc[t, g, n]            = float32 scale of output 16*t + n, group g
+
+Outputs lie in vector lanes and input pairs in 32-bit lanes, so a group scale
+costs one vector multiply per 16 outputs and an activation pair is broadcast.
 """
 
 from __future__ import annotations
@@ -36,14 +45,20 @@ from vllm.logger import init_logger
 
 logger = init_logger("vllm.plugins.vllm_plugins.cpu_ext")
 
-SOURCE = Path(__file__).with_name("csrc") / "int4_gemv.cpp"
-ROWS, CHUNK = 4, 128
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(CSRC / name for name in ("int4_ops.cpp", "int4_avx512.cpp", "int4_avx2.cpp"))
+HEADERS = (CSRC / "int4_kernels.h",)
+ISAS = ("avx512bf16", "avx2", "portable")  # best first
+ISA_ENV = "VLLM_PLUGINS_INT4_ISA"
+TILE, BLOCK_K = 16, 8  # outputs per tile, inputs per 64-byte block
 LIB_NAME = "vllm_plugins_cpu"
-# From this many activation rows on, dequantizing to bfloat16 and running a
-# bfloat16 GEMM beats unpacking every weight once per row (measured with
-# scripts/bench_int4_cpu.py, one thread: at 32 rows both take about 1.3x the bf16 GEMM;
-# the GEMV costs twice as much at 64 rows, the dequantized GEMM 1.1x bf16).
-DEQUANT_MIN_ROWS = 32
+# Per path: from this many activation rows on, dequantizing to bfloat16 (plain
+# C++) and running aten's bfloat16 GEMM beats the tile kernel. From
+# scripts/bench_int4_cpu.py, one thread, 0.5B shapes: the AVX-512 tile kernel
+# costs about 14 ms per row and step, the dequantization about 1.6 s plus
+# about 5 ms per row (loaded machine), so the crossover is near 170 rows; the
+# AVX2 path is taken to cross at the same place (not measured on an AVX2 CPU).
+DEQUANT_MIN_ROWS = {"avx512bf16": 128, "avx2": 128, "portable": 1}
 
 
 def compiler() -> str | None:
@@ -52,7 +67,8 @@ def compiler() -> str | None:
 
 def library_path(cxx: str) -> Path:
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for path in (*SOURCES, *HEADERS):
+        key.update(path.read_bytes())
     key.update(torch.__version__.encode())
     key.update(str(Path(torch.__file__).parent).encode())
     key.update(cxx.encode())
@@ -80,12 +96,12 @@ def build(verbose: bool = False) -> Path:
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            *(f"-I{p}" for p in cpp_extension.include_paths()),
-           str(SOURCE), "-o", tmp,
+           *(str(src) for src in SOURCES), "-o", tmp,
            f"-L{torch_lib}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_lib}"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-4000:]}")
+            raise RuntimeError(f"compiling {', '.join(src.name for src in SOURCES)} failed:\n{done.stderr[-4000:]}")
         if verbose:
             print(" ".join(cmd))
         os.replace(tmp, out)
@@ -113,32 +129,66 @@ def _register_fakes() -> None:
     """Shapes for torch.compile's tracing (vLLM compiles the model on CPU)."""
 
     @torch.library.register_fake("vllm_plugins_cpu::int4_gemm")
-    def _gemm(x, qw, sc, group_size, portable=False):
-        return x.new_empty((x.shape[0], qw.shape[0] * ROWS))
+    def _gemm(x, qw, sc, group_size, isa="auto"):
+        return x.new_empty((x.shape[0], qw.shape[0] * TILE))
 
     @torch.library.register_fake("vllm_plugins_cpu::int4_linear")
-    def _linear(x, qw, sc, group_size, dequant_min_rows):
-        return x.new_empty((x.shape[0], qw.shape[0] * ROWS))
+    def _linear(x, qw, sc, group_size, dequant_min_rows, isa="auto"):
+        return x.new_empty((x.shape[0], qw.shape[0] * TILE))
 
     @torch.library.register_fake("vllm_plugins_cpu::int4_dequant")
-    def _dequant(qw, sc, group_size, portable=False):
-        return qw.new_empty((qw.shape[0] * ROWS, qw.shape[1] * CHUNK), dtype=torch.bfloat16)
+    def _dequant(qw, sc, group_size):
+        return qw.new_empty((qw.shape[0] * TILE, qw.shape[1] * BLOCK_K), dtype=torch.bfloat16)
+
+
+@functools.cache
+def supported_isas() -> tuple[str, ...]:
+    """The paths this CPU runs, best first (asked of the library once: CPU flags); () without the library."""
+    if not load():
+        return ()
+    return tuple(isa for isa in ISAS if torch.ops.vllm_plugins_cpu.int4_isa_supported(isa))
+
+
+def isa_supported(isa: str) -> bool:
+    """Whether this CPU can run the ``isa`` path (False where the library is missing)."""
+    return isa in supported_isas()
+
+
+@torch.compiler.assume_constant_result  # torch.compile reads it once, at trace time
+def selected_isa() -> str:
+    """The path the layers run: ``$VLLM_PLUGINS_INT4_ISA`` if set, else the best this CPU runs.
+
+    A forced path the CPU cannot run is an error naming the variable, never AVX-512 code on a
+    CPU without it."""
+    forced = os.environ.get(ISA_ENV, "").strip()
+    if forced:
+        if forced not in ISAS:
+            raise ValueError(f"{ISA_ENV}={forced!r}: expected one of {', '.join(ISAS)}")
+        if not isa_supported(forced):
+            raise ValueError(f"{ISA_ENV}={forced}: this CPU (or a missing extension) cannot run that path")
+        return forced
+    return (supported_isas() or ISAS[-1:])[0]
 
 
 def has_fast_path() -> bool:
-    """Whether the int4 AVX512-BF16 path runs on this CPU (False where the library is missing)."""
-    return load() and bool(torch.ops.vllm_plugins_cpu.int4_has_fast_path())
+    """Whether a vectorized path (AVX512-BF16 or AVX2) runs here (False where the library is missing)."""
+    return load() and selected_isa() != "portable"
+
+
+def dequant_min_rows(isa: str) -> int:
+    """From this many activation rows on, :func:`linear` dequantizes and runs a GEMM (see DEQUANT_MIN_ROWS)."""
+    return DEQUANT_MIN_ROWS[isa]
 
 
 def tile_problem(n: int, k: int, group_size: int) -> str | None:
     """Why the tile layout cannot hold an ``[N, K]`` weight in ``group_size`` groups, or None."""
     gs = k if group_size == -1 else group_size
-    if n % ROWS:
-        return f"output size {n} is not a multiple of {ROWS}"
-    if k % CHUNK:
-        return f"input size {k} is not a multiple of {CHUNK}"
-    if gs % 32 or k % gs or (CHUNK % gs if gs < CHUNK else gs % CHUNK):
-        return f"group size {group_size} is not 32, 64 or a multiple of {CHUNK} dividing {k}"
+    if n % TILE:
+        return f"output size {n} is not a multiple of {TILE}"
+    if k % 32:
+        return f"input size {k} is not a multiple of 32"
+    if gs % 32 or k % gs:
+        return f"group size {group_size} is not a multiple of 32 dividing {k}"
     return None
 
 
@@ -150,34 +200,36 @@ def pack_tiles(u: torch.Tensor, scales_gn: torch.Tensor, group_size: int) -> tup
     problem = tile_problem(n, k, group_size)
     if problem is not None:
         raise ValueError(f"int4 tile layout: {problem}")
-    u = u.to(torch.int32).reshape(n // ROWS, ROWS, k // CHUNK, 4, 32).permute(0, 2, 1, 4, 3)  # t c r j i
-    words = (u << torch.tensor([0, 4, 8, 12], dtype=torch.int32)).sum(-1)  # [t, c, r, 32]
-    qw = torch.stack([words & 0xFF, words >> 8], dim=-1).to(torch.uint8).reshape(n // ROWS, k // CHUNK, ROWS, 64)
     groups = k // (k if group_size == -1 else group_size)
     if scales_gn.shape != (groups, n):
         raise ValueError(f"scales shape {tuple(scales_gn.shape)} is not ({groups}, {n})")
-    sc = scales_gn.to(torch.float32).t().reshape(n // ROWS, ROWS, groups).transpose(1, 2).contiguous()
+    u = u.to(torch.int32).reshape(n // TILE, TILE, k // BLOCK_K, 4, 2).permute(0, 2, 1, 4, 3)  # t c n e i
+    words = (u << torch.tensor([0, 4, 8, 12], dtype=torch.int32)).sum(-1)  # [t, c, n, e] = word 2n + e
+    qw = torch.stack([words & 0xFF, words >> 8], dim=-1).to(torch.uint8).reshape(n // TILE, k // BLOCK_K, 64)
+    sc = scales_gn.to(torch.float32).t().reshape(n // TILE, TILE, groups).transpose(1, 2).contiguous()
     return qw.contiguous(), sc
 
 
 def int4_gemm(x: torch.Tensor, qw: torch.Tensor, sc: torch.Tensor, group_size: int,
-              portable: bool = False) -> torch.Tensor:
-    """``x [M, K]`` bfloat16 times the packed weight; ``[M, N]`` bfloat16."""
-    return torch.ops.vllm_plugins_cpu.int4_gemm(x, qw, sc, group_size, portable)
+              isa: str | None = None) -> torch.Tensor:
+    """``x [M, K]`` (bfloat16, or float32 on the avx2/portable paths) times the packed weight;
+    ``[M, N]`` in x's dtype. ``isa``: a path of :data:`ISAS` (default :func:`selected_isa`)."""
+    return torch.ops.vllm_plugins_cpu.int4_gemm(x, qw, sc, group_size, isa or selected_isa())
 
 
-def dequantize(qw: torch.Tensor, sc: torch.Tensor, group_size: int, portable: bool = False) -> torch.Tensor:
+def dequantize(qw: torch.Tensor, sc: torch.Tensor, group_size: int) -> torch.Tensor:
     """The bfloat16 weight ``[N, K]`` of a packed one."""
-    return torch.ops.vllm_plugins_cpu.int4_dequant(qw, sc, group_size, portable)
+    return torch.ops.vllm_plugins_cpu.int4_dequant(qw, sc, group_size)
 
 
 def linear(x: torch.Tensor, qw: torch.Tensor, sc: torch.Tensor, group_size: int,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for bfloat16 ``x [..., K]``: the int4 GEMV up to
-    :data:`DEQUANT_MIN_ROWS` rows, a bfloat16 GEMM on the dequantized weight beyond."""
+           bias: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for ``x [..., K]``: the tile kernel below :func:`dequant_min_rows`
+    rows, a GEMM on the dequantized weight from there on."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    out = torch.ops.vllm_plugins_cpu.int4_linear(x2, qw, sc, group_size, DEQUANT_MIN_ROWS)
+    isa = isa or selected_isa()
+    out = torch.ops.vllm_plugins_cpu.int4_linear(x2, qw, sc, group_size, dequant_min_rows(isa), isa)
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.reshape(*shape[:-1], out.shape[-1])
@@ -187,4 +239,4 @@ if __name__ == "__main__":
     if not load():
         raise SystemExit("[setup] CPU int4 GEMM extension unavailable; W4A16 on CPU uses aten's int4 kernel")
     print(f"[setup] CPU int4 GEMM extension: {build()} "
-          f"(AVX512-BF16 path: {'yes' if has_fast_path() else 'no, aten int4 serves W4A16'})")
+          f"(path: {selected_isa()}{'' if has_fast_path() else ', so aten int4 serves W4A16'})")

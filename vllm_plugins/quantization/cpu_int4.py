@@ -5,10 +5,10 @@ vLLM's own CPU kernel (``CPUWNA16LinearKernel``) calls the custom op
 layer then dies at its first forward. Two kernels here, both with the weights
 repacked once at load time:
 
-- :class:`TileInt4CPULinearKernel`: the plugin's compiled GEMV
-  (:mod:`.cpu_ext`), bfloat16 activations on CPUs with AVX512-BF16.
-  At batch 1 it runs the linears of a 0.5B model in about 0.55x the time of
-  aten's int4 kernel (``scripts/bench_int4_cpu.py``).
+- :class:`TileInt4CPULinearKernel`: the plugin's compiled int4 GEMM
+  (:mod:`.cpu_ext`), bfloat16 activations on CPUs with AVX512-BF16 or AVX2 + FMA
+  (the path from the CPU flags, or ``VLLM_PLUGINS_INT4_ISA``), register-blocked
+  over up to 4 activation rows (``scripts/bench_int4_cpu.py``).
 - :class:`TorchInt4CPULinearKernel`: PyTorch's own CPU int4 GEMM
   (``aten._weight_int4pack_mm_for_cpu``), any activation dtype, any x86/ARM CPU.
 
@@ -186,8 +186,8 @@ class TorchInt4CPULinearKernel(MPLinearKernel):
 
 
 class TileInt4CPULinearKernel(TorchInt4CPULinearKernel):
-    """The plugin's compiled int4 GEMV (:mod:`.cpu_ext`): bfloat16
-    activations, AVX512-BF16 CPUs, ``N % 4 == 0``, ``K % 128 == 0``."""
+    """The plugin's compiled int4 GEMM (:mod:`.cpu_ext`): bfloat16 activations,
+    CPUs with AVX512-BF16 or AVX2 + FMA, ``N % 16 == 0``, ``K % 32 == 0``, groups of a multiple of 32."""
 
     @classmethod
     def _kernel_problem(cls, c: MPLinearLayerConfig) -> str | None:
@@ -200,15 +200,16 @@ class TileInt4CPULinearKernel(TorchInt4CPULinearKernel):
         if not cpu_ext.load():
             return "the CPU int4 extension did not build or load (see the warning above)"
         if not cpu_ext.has_fast_path():
-            return "this CPU lacks AVX512-BF16"
+            return f"no vectorized path here (CPU without AVX512-BF16 or AVX2+FMA, or {cpu_ext.ISA_ENV}=portable)"
         return None
 
     def _pack(self, layer: torch.nn.Module, u: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layer.int4_isa = cpu_ext.selected_isa()  # chosen once per layer, outside torch.compile's graph
         return cpu_ext.pack_tiles(u, scales, self.config.group_size)
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         w, sc, _ = self._get_weight_params(layer)
-        return cpu_ext.linear(x, w, sc, self.config.group_size, bias)
+        return cpu_ext.linear(x, w, sc, self.config.group_size, bias, layer.int4_isa)
 
 
 CPU_INT4_KERNELS = (TileInt4CPULinearKernel, TorchInt4CPULinearKernel)  # best first

@@ -1,0 +1,60 @@
+// Shared declarations of the CPU int4 GEMM kernels (one .cpp per ISA path).
+//
+// Layout (built by vllm_plugins.quantization.cpu_ext.pack_tiles; tested there
+// as a contract). Weights W[N, K] are stored nibbles u = q + 8 in 0..15,
+// N % 16 == 0, K % 32 == 0:
+//   qw: uint8 [N / 16, K / 8, 64] -- tile t holds outputs 16t..16t+15; block c
+//       (inputs 8c..8c+7) is 32 little-endian uint16 words; nibble i (bits
+//       4i..4i+3) of word 2n + e is u[16t + n, 8c + 2i + e] (n < 16, e < 2).
+//   sc: float32 [N / 16, G, 16]  -- sc[t, g, n] = scale of output 16t + n, group g.
+// out[m, n] = sum_k x[m, k] * (u[n, k] - 8) * sc[n, k / group_size], float32
+// accumulation. Outputs lie in vector lanes (16 per tile), pairs of inputs in
+// each 32-bit lane, so a group scale is one vector multiply per 16 outputs and
+// group, and one activation pair is broadcast to all lanes. Every path reads
+// this one layout.
+
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+
+namespace vllm_plugins_int4 {
+
+constexpr int64_t kTile = 16;        // outputs per tile
+constexpr int64_t kBlockK = 8;       // inputs per block
+constexpr int64_t kBlockBytes = 64;  // bytes of one tile's block
+
+// One GEMM call, shared by all paths.
+struct Problem {
+  int64_t m, k, n, gs, groups;
+  const uint8_t* qw;  // [N/16, K/8, 64]
+  const float* sc;    // [N/16, G, 16]
+  int64_t tile_bytes() const { return (k / kBlockK) * kBlockBytes; }
+};
+
+// The output [m, n], float32 or bfloat16.
+struct Out {
+  float* f32 = nullptr;  // one of the two
+  c10::BFloat16* bf16 = nullptr;
+  void put(int64_t i, float v) const {
+    if (f32 != nullptr) f32[i] = v; else bf16[i] = c10::BFloat16(v);
+  }
+};
+
+// --- AVX512-BF16 (int4_avx512.cpp). x: bfloat16 bits [m, k]; xoff: 136 * sum
+// of x over each group [m, G] (avx512_offsets). Tiles t0..t1-1, all m rows.
+bool avx512bf16_supported();
+void avx512_offsets(const uint16_t* x, const Problem& p, float* xoff);
+void avx512_tiles(const uint16_t* x, const float* xoff, const Problem& p, int64_t t0, int64_t t1, const Out& out);
+
+// --- AVX2 + FMA (int4_avx2.cpp). xp: float32 x scaled as avx2_prepare writes
+// it [m, k]; xoff: 8 * sum of x over each group [m, G].
+bool avx2_supported();
+void avx2_prepare(const float* x, const Problem& p, float* xp, float* xoff);
+void avx2_tiles(const float* xp, const float* xoff, const Problem& p, int64_t t0, int64_t t1, const Out& out);
+
+// Nibble of u[16t + n, 8c + j] in the 32-bit word of (tile, block, n).
+inline int nibble(uint32_t word, int64_t j) { return (word >> (4 * (j / 2) + 16 * (j % 2))) & 0xF; }
+
+}  // namespace vllm_plugins_int4

@@ -1,0 +1,183 @@
+// CPU int4 weight-only GEMM, symmetric uint4b8: the torch ops, the choice of
+// ISA path, threading, and the portable C++ path (layout: int4_kernels.h).
+//
+// Paths, all reading the one tile layout:
+//   avx512bf16  bfloat16 activations, vdpbf16ps (int4_avx512.cpp)
+//   avx2        AVX2 + FMA, float32 arithmetic; bfloat16 or float32 activations (int4_avx2.cpp)
+//   portable    plain C++, the reference for the tests
+// `isa` "auto" takes the best the CPU reports; a named one must be supported
+// by the CPU (checked here, so a test cannot run AVX-512 code without it).
+// float32 activations never take the avx512bf16 path: they run avx2 there.
+// The output has the dtype of x. Threads split the output tiles
+// (at::parallel_for).
+
+#include "int4_kernels.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace vllm_plugins_int4 {
+namespace {
+
+enum class Isa { kAvx512Bf16, kAvx2, kPortable };
+
+bool supported(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512Bf16: return avx512bf16_supported();
+    case Isa::kAvx2: return avx2_supported();
+    default: return true;
+  }
+}
+
+Isa parse_isa(const std::string& name) {
+  if (name == "auto") {
+    for (Isa isa : {Isa::kAvx512Bf16, Isa::kAvx2})
+      if (supported(isa)) return isa;
+    return Isa::kPortable;
+  }
+  Isa isa;
+  if (name == "avx512bf16") isa = Isa::kAvx512Bf16;
+  else if (name == "avx2") isa = Isa::kAvx2;
+  else if (name == "portable") isa = Isa::kPortable;
+  else TORCH_CHECK(false, "int4: unknown ISA '", name, "' (auto, avx512bf16, avx2 or portable)");
+  TORCH_CHECK(supported(isa), "int4: this CPU cannot run the ", name, " path");
+  return isa;
+}
+
+// Output 16t + n of row b, straight from the layout formula.
+void portable_tiles_impl(const float* x, const Problem& p, int64_t t0, int64_t t1, const Out& out) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* q = p.qw + t * p.tile_bytes();
+    const float* s = p.sc + t * p.groups * kTile;
+    for (int64_t b = 0; b < p.m; ++b)
+      for (int64_t n = 0; n < kTile; ++n) {
+        float acc = 0.f;
+        for (int64_t g = 0; g < p.groups; ++g) {
+          float part = 0.f;
+          for (int64_t c = g * p.gs / kBlockK; c < (g + 1) * p.gs / kBlockK; ++c) {
+            const uint8_t* w = q + c * kBlockBytes + 4 * n;
+            const uint32_t word = w[0] | (w[1] << 8) | (w[2] << 16) | (uint32_t(w[3]) << 24);
+            for (int64_t j = 0; j < kBlockK; ++j) part += x[b * p.k + c * kBlockK + j] * float(nibble(word, j) - 8);
+          }
+          acc += part * s[g * kTile + n];
+        }
+        out.put(b * p.n + t * kTile + n, acc);
+      }
+  }
+}
+
+void check_weights(const char* op, const at::Tensor& qw, const at::Tensor& sc, int64_t k, int64_t group_size,
+                   int64_t* gs, int64_t* groups) {
+  TORCH_CHECK(qw.dim() == 3 && qw.scalar_type() == at::kByte && qw.size(2) == kBlockBytes,
+              op, ": qw must be uint8 [N/16, K/8, 64]");
+  *gs = group_size == -1 ? k : group_size;
+  TORCH_CHECK(*gs >= 32 && *gs % 32 == 0 && k % *gs == 0, op, ": group size ", group_size, " does not fit K=", k);
+  *groups = k / *gs;
+  TORCH_CHECK(sc.dim() == 3 && sc.scalar_type() == at::kFloat && sc.size(0) == qw.size(0) && sc.size(1) == *groups &&
+                  sc.size(2) == kTile,
+              op, ": scales must be float32 [N/16, K/group, 16]");
+}
+
+at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sc, int64_t group_size,
+                     c10::string_view isa_arg) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "int4_gemm: x must be 2-D bfloat16 or float32");
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(qw.dim() == 3 && qw.size(1) * kBlockK == k, "int4_gemm: x has ", k, " inputs, qw ",
+              qw.dim() == 3 ? qw.size(1) * kBlockK : -1);
+  int64_t gs = 0, groups = 0;
+  check_weights("int4_gemm", qw, sc, k, group_size, &gs, &groups);
+  Isa isa = parse_isa(std::string(isa_arg));
+  if (isa == Isa::kAvx512Bf16 && x.scalar_type() == at::kFloat) isa = supported(Isa::kAvx2) ? Isa::kAvx2 : Isa::kPortable;
+
+  const at::Tensor qc = qw.contiguous(), scc = sc.contiguous();
+  const int64_t tiles = qw.size(0), n = tiles * kTile;
+  at::Tensor out = at::empty({m, n}, x.options());
+  Out o;
+  if (x.scalar_type() == at::kFloat) o.f32 = out.data_ptr<float>();
+  else o.bf16 = reinterpret_cast<c10::BFloat16*>(out.data_ptr<at::BFloat16>());
+  const Problem p{m, k, n, gs, groups, qc.data_ptr<uint8_t>(), scc.data_ptr<float>()};
+  const int64_t grain = 4;  // tiles: 64 outputs, the AVX-512 path's widest block
+
+  if (isa == Isa::kAvx512Bf16) {
+    const at::Tensor xc = x.contiguous();
+    const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    std::vector<float> xoff(m * groups);
+    avx512_offsets(xp, p, xoff.data());
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { avx512_tiles(xp, xoff.data(), p, t0, t1, o); });
+    return out;
+  }
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  if (isa == Isa::kAvx2) {
+    std::vector<float> xp(m * k), xoff(m * groups);
+    avx2_prepare(xf.data_ptr<float>(), p, xp.data(), xoff.data());
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { avx2_tiles(xp.data(), xoff.data(), p, t0, t1, o); });
+    return out;
+  }
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { portable_tiles_impl(xf.data_ptr<float>(), p, t0, t1, o); });
+  return out;
+}
+
+// The bfloat16 weight [N, K], for batches large enough that a bfloat16 GEMM
+// beats the tile kernel: plain C++, 8 nibbles per 32-bit word, rows in place.
+at::Tensor int4_dequant(const at::Tensor& qw, const at::Tensor& sc, int64_t group_size) {
+  TORCH_CHECK(qw.dim() == 3, "int4_dequant: qw must be uint8 [N/16, K/8, 64]");
+  const int64_t tiles = qw.size(0), blocks = qw.size(1), n = tiles * kTile, k = blocks * kBlockK;
+  int64_t gs = 0, groups = 0;
+  check_weights("int4_dequant", qw, sc, k, group_size, &gs, &groups);
+  const at::Tensor qc = qw.contiguous(), scc = sc.contiguous();
+  at::Tensor out = at::empty({n, k}, qw.options().dtype(at::kBFloat16));
+  const uint8_t* qp = qc.data_ptr<uint8_t>();
+  const float* sp = scc.data_ptr<float>();
+  auto* op = reinterpret_cast<c10::BFloat16*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t nn = 0; nn < kTile; ++nn) {
+        c10::BFloat16* row = op + (t * kTile + nn) * k;
+        for (int64_t c = 0; c < blocks; ++c) {
+          const uint8_t* w = qp + (t * blocks + c) * kBlockBytes + 4 * nn;
+          const uint32_t word = w[0] | (w[1] << 8) | (w[2] << 16) | (uint32_t(w[3]) << 24);
+          const float s = sp[(t * groups + c * kBlockK / gs) * kTile + nn];
+          for (int64_t j = 0; j < kBlockK; ++j) row[c * kBlockK + j] = c10::BFloat16(float(nibble(word, j) - 8) * s);
+        }
+      }
+  });
+  return out;
+}
+
+// What the linear layers call: the tile kernel below dequant_min_rows rows, a
+// GEMM on the dequantized weight from there on. One op, so that the choice on
+// the batch size stays outside torch.compile's graph.
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sc, int64_t group_size,
+                       int64_t dequant_min_rows, c10::string_view isa) {
+  if (x.size(0) >= dequant_min_rows) return at::linear(x, int4_dequant(qw, sc, group_size).to(x.scalar_type()));
+  return int4_gemm(x, qw, sc, group_size, isa);
+}
+
+bool isa_supported(c10::string_view name) {
+  const std::string s(name);
+  if (s == "avx512bf16") return supported(Isa::kAvx512Bf16);
+  if (s == "avx2") return supported(Isa::kAvx2);
+  return s == "portable" || s == "auto";
+}
+
+}  // namespace
+}  // namespace vllm_plugins_int4
+
+TORCH_LIBRARY(vllm_plugins_cpu, m) {
+  m.def("int4_gemm(Tensor x, Tensor qw, Tensor scales, int group_size, str isa='auto') -> Tensor");
+  m.def("int4_dequant(Tensor qw, Tensor scales, int group_size) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor qw, Tensor scales, int group_size, int dequant_min_rows, str isa='auto') -> Tensor");
+  m.def("int4_isa_supported(str isa) -> bool", &vllm_plugins_int4::isa_supported);
+}
+
+TORCH_LIBRARY_IMPL(vllm_plugins_cpu, CPU, m) {
+  m.impl("int4_gemm", &vllm_plugins_int4::int4_gemm);
+  m.impl("int4_dequant", &vllm_plugins_int4::int4_dequant);
+  m.impl("int4_linear", &vllm_plugins_int4::int4_linear);
+}
