@@ -43,7 +43,19 @@ def run_command(prog: str, func, args) -> int:
             return 128 + signum
 
 
+_handler_pid: int | None = None  # the process that installed _raise_interrupted
+
+
 def _raise_interrupted(signum, _frame):
+    import os
+    import signal
+
+    if os.getpid() != _handler_pid:
+        # A forked child (e.g. lm-eval's bootstrap pool) inherited the handler: die as SIGTERM
+        # would have killed it, instead of printing a traceback from the child.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Interrupted(signum)
 
 
@@ -58,6 +70,10 @@ class raise_on_sigterm:  # noqa: N801 - used as a context manager, like contextl
         self._previous = None
         if threading.current_thread() is threading.main_thread() \
                 and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            global _handler_pid
+            import os
+
+            _handler_pid = os.getpid()
             self._previous = signal.signal(signal.SIGTERM, _raise_interrupted)
         return self
 

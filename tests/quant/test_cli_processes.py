@@ -9,6 +9,8 @@ wait, complete but unpublished, so the signal lands during the export every time
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,30 @@ def test_full_disk(cli_process, source, calib, tmp_path, command):
     assert proc.returncode == 2, stderr
     assert len(err) == 1 and f"{out}: no space left while writing it" in err[0], err
     _no_litter(out)
+
+
+_FORKED_CHILD = r'''
+import os, signal, sys, time
+from quant.errors import run_command
+
+def command(_args):
+    pid = os.fork()
+    if pid == 0:  # e.g. a worker of lm-eval's bootstrap pool, terminated by its parent
+        time.sleep(30)
+        os._exit(0)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)
+    return 0
+
+sys.exit(run_command("t", command, None))
+'''
+
+
+def test_forked_child_dies_of_sigterm_as_by_default():
+    """The command's SIGTERM handler is its own process's: a forked child that inherits it dies of
+    SIGTERM as it would by default, instead of raising in the child (a traceback in the log)."""
+    proc = subprocess.run([sys.executable, "-c", _FORKED_CHILD], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True", proc.stdout + proc.stderr
