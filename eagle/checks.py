@@ -109,9 +109,10 @@ def check_target_checkpoint(target) -> None:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DrafterError(f"--target {path}: cannot read the config ({exc})") from None
-    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
-    if qc:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+    from quant.model import quantization_method
+
+    method = quantization_method(raw)
+    if method is not None:
         raise DrafterError(f"--target {target}: a quantized checkpoint (quant_method {method!r}); train the "
                            "drafter against the float checkpoint it was made from")
 

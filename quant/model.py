@@ -80,11 +80,19 @@ def check_not_quantized(config_path: Path) -> None:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise QuantInputError(f"{config_path}: invalid JSON ({exc})") from None
-    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
-    if qc:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+    method = quantization_method(raw)
+    if method is not None:
         raise QuantInputError(f"{config_path}: the checkpoint is already quantized (quant_method {method!r}); "
                               "--model takes a float checkpoint")
+
+
+def quantization_method(config) -> str | None:
+    """The ``quant_method`` of a parsed ``config.json`` that carries a ``quantization_config``
+    (``"?"`` when it names none), else None: the checkpoint is a float one."""
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not qc:
+        return None
+    return qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
 
 
 def load_hf_config(model_dir: Path):
