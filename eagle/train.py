@@ -33,7 +33,7 @@ from eagle.features import decoder_stack, default_aux_layer_ids, target_features
 from eagle.layouts import DRAFTER_ARCH, LAYOUTS, STOCK_ARCH, write_drafter
 from eagle.mm_data import is_jsonl, read_conversations
 from eagle.torch_drafter import TorchEagle3Drafter
-from eagle.vlm_inputs import IMAGE_INPUTS, VLMInputs, build_examples, collate, label_mask
+from eagle.vlm_inputs import IMAGE_INPUTS, VLMInputs, build_examples, collate, label_mask, vlm_features
 from quant.outdir import is_taken, staged_output_dir
 
 
@@ -328,16 +328,7 @@ def image_batches(target, tokenizer, cfg: TrainDrafterConfig, device):
     def draw(aux_ids, gen):
         picked = torch.randint(0, len(rows), (cfg.batch_size,), generator=gen).tolist()
         batch = collate([rows[i] for i in picked], vlm.qwen, device, pad)
-        positions = vlm.positions(batch)
-        with torch.no_grad():
-            embeds = vlm.inputs_embeds(batch)
-            feats = target_features(target, None, aux_ids, inputs_embeds=embeds,
-                                    position_ids=positions)
-            if cfg.image_inputs == "placeholder":
-                stock = vlm.placeholder_embedding().to(feats["embeds"].dtype)
-                feats["embeds"] = feats["embeds"].masked_scatter(
-                    batch.image_mask[..., None],
-                    stock.expand(int(batch.image_mask.sum()), -1))
+        feats, positions = vlm_features(vlm, batch, aux_ids, cfg.image_inputs)
         return feats, positions, label_mask(batch, vlm.image_token_id)
 
     return tokens, draw

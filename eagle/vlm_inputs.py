@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from eagle.checks import DrafterError
+from eagle.features import target_features
 from eagle.mm_data import IMAGE_TAG, Conversation, load_image
 
 IMAGE_INPUTS = ("embeds", "placeholder")
@@ -258,6 +259,23 @@ def build_examples(vlm: VLMInputs, tokenizer, convs: list[Conversation], data: P
                 bar.update(len(part))
         bar.close()
     return rows
+
+
+@torch.no_grad()
+def vlm_features(vlm: VLMInputs, batch: Batch, aux_ids, image_inputs: str = "embeds"):
+    """``(features, positions)`` of ``batch`` for drafter training: the
+    target's aux states and logits given the image, and the drafter's input
+    embeddings at the placeholders: the image embeddings (``embeds``) or
+    the placeholder token's embedding (``placeholder``, what vLLM's stock
+    drafter reads)."""
+    positions = vlm.positions(batch)
+    embeds = vlm.inputs_embeds(batch)
+    feats = target_features(vlm.target, None, aux_ids, inputs_embeds=embeds, position_ids=positions)
+    if image_inputs == "placeholder":
+        stock = vlm.placeholder_embedding().to(feats["embeds"].dtype)
+        feats["embeds"] = feats["embeds"].masked_scatter(
+            batch.image_mask[..., None], stock.expand(int(batch.image_mask.sum()), -1))
+    return feats, positions
 
 
 def label_mask(batch: Batch, image_token_id: int) -> torch.Tensor:
