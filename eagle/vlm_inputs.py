@@ -155,7 +155,10 @@ class VLMInputs:
 
     @torch.no_grad()
     def generate(self, prompts: list[Example], new_tokens: int, eos: int | None) -> list[list[int]]:
-        """Greedy continuations of same-shape prompts, conditioned on their images."""
+        """Greedy continuations of same-shape prompts, conditioned on their
+        images: at most ``new_tokens``, ending with the first ``eos`` (kept),
+        as a served response ends. (Forcing ``new_tokens`` past EOS made most
+        of every row text the target never writes when served.)"""
         device = self.target.device
         ids = torch.tensor([p.ids for p in prompts], device=device)
         kwargs = collate_pixels([p.pixels for p in prompts], self.qwen, device)
@@ -165,9 +168,9 @@ class VLMInputs:
                 mask[row, p.start: p.start + p.n_image] = 1
             kwargs["mm_token_type_ids"] = mask
         out = self.target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs,
-                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                   do_sample=False, pad_token_id=eos)
-        return out[:, ids.shape[1]:].tolist()
+                                   max_new_tokens=new_tokens, do_sample=False, pad_token_id=eos)
+        return [cont[: cont.index(eos) + 1] if eos in cont else cont
+                for cont in out[:, ids.shape[1]:].tolist()]
 
 
 def _image_processor(cfg, target_dir: Path, qwen: bool):
