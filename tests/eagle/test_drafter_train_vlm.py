@@ -170,6 +170,41 @@ def test_image_token_in_text_is_masked_not_a_crash(random_vlm, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+# --- self-distilled responses end where the served ones do ----------------------
+
+def test_self_distilled_responses_stop_at_eos(vlm_target, image_conversations):
+    """Each distilled row is the prompt, then the target's greedy answer up
+    to and including its first EOS, as vLLM serves it: nothing after it
+    (forcing ``seq_len`` tokens past EOS trained the drafter mostly on text
+    the served target never writes), and the answer equals HF's own greedy
+    decode."""
+    from transformers import AutoTokenizer
+
+    from eagle.mm_data import load_image
+    from eagle.vlm_inputs import VLMInputs, build_examples
+
+    target, tok = load_target(vlm_target), AutoTokenizer.from_pretrained(vlm_target)
+    vlm = VLMInputs(target, vlm_target)
+    convs = read_conversations(image_conversations)[:6]
+    seq_len = 128
+    rows = build_examples(vlm, tok, convs, image_conversations, seq_len=seq_len, distill=6,
+                          natural_text=False)
+    eos = tok.eos_token_id
+    assert len(rows) == 6
+    for row in sorted(rows, key=lambda r: r.line):
+        conv = convs[row.line - 1]
+        prompt, _ = vlm.prompt_ids(tok, conv.prompt, row.n_image, "test")
+        answer = row.ids[len(prompt):]
+        assert row.ids[: len(prompt)] == prompt
+        assert answer.count(eos) == 1 and answer[-1] == eos, tok.decode(answer)
+        pixels, _ = vlm.pixels(load_image(image_conversations, conv))
+        with torch.no_grad():
+            ref = target.generate(input_ids=torch.tensor([prompt]), pixel_values=pixels["pixel_values"],
+                                  attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                  max_new_tokens=seq_len, do_sample=False, pad_token_id=eos)
+        assert answer == ref[0, len(prompt):].tolist()
+
+
 # --- features equal the HF model's own forward --------------------------------
 
 def _features_case(path: Path, root: Path, sizes):
