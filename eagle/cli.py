@@ -32,6 +32,7 @@ _HELP = {
     "device": "where the target and the drafter run (auto: cuda if available; bf16 autocast on cuda)",
     "threads": "torch threads on CPU (default 1: fastest for these small matmuls on a shared machine)",
     "seq_len": "text tokens per training sequence (image placeholders come on top)",
+    "warmup_steps": "linear learning-rate warmup steps (default: --steps // 8)",
 }
 
 
