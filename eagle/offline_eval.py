@@ -118,17 +118,30 @@ def evaluate(drafter: TorchEagle3Drafter, vlm: VLMInputs, rows: list[Served], au
             for kk in range(row.prompt_len - 1, last - 1 - i):
                 s.total[i] += 1
                 s.agree[i] += preds[i][kk] == ids[kk + 2 + i]
-        # simulated greedy speculative decoding
-        kk = row.prompt_len - 1
-        while kk + 2 <= last:
-            n = 0
-            while n < k and kk + 2 + n <= last and preds[n][kk] == ids[kk + 2 + n]:
-                s.accepted_per_pos[n] += 1
-                n += 1
+        for n in simulate_drafts(preds, ids, row.prompt_len, k):
             s.drafts += 1
             s.accepted += n
-            kk += n + 1
+            for i in range(n):
+                s.accepted_per_pos[i] += 1
     return stats
+
+
+def simulate_drafts(preds: list[list[int]], ids: list[int], prompt_len: int, k: int) -> list[int]:
+    """Accepted tokens of each draft of a greedy speculative decode of
+    ``ids`` (prompt, then the target's answer): ``preds[i][row]`` is the
+    drafter's step-``i`` guess at ``row`` (for token ``row + 2 + i``). The
+    first draft starts at the last prompt row; after ``n`` accepted tokens
+    the target adds its bonus token and the next draft starts ``n + 1``
+    rows on. Drafting stops when no token is left to draft."""
+    last = len(ids) - 1
+    row, out = prompt_len - 1, []
+    while row + 2 <= last:
+        n = 0
+        while n < k and row + 2 + n <= last and preds[n][row] == ids[row + 2 + n]:
+            n += 1
+        out.append(n)
+        row += n + 1
+    return out
 
 
 def table(results: dict[str, dict[str, FamilyStats]], k: int) -> str:
