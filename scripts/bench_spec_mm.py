@@ -23,6 +23,10 @@ tokens equal the no-drafter run in both drafter runs.
     python scripts/bench_spec_mm.py [--work runs/bench-spec-mm] [--vlm DIR]
         [--vision-drafter DIR --text-drafter DIR] [--train-steps N]
 
+``python -m eagle.offline_eval`` replays the same prompts in torch (no vLLM)
+and reproduces these acceptance figures; use it to tell a training problem
+from a serving one.
+
 Missing pieces are built into ``--work``: the VLM with ``demo-vlm``, the
 drafters with ``train-drafter --data VLM/train.jsonl``. Run it under
 ``flock /tmp/bench.lock`` on a shared machine.
