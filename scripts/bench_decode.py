@@ -117,18 +117,18 @@ def main() -> int:
     p.add_argument("--aten-int4", action="store_true",
                    help="also run W4A16 on aten's int4 kernel (this package's compiled tile GEMV disabled)")
     args = p.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    batches = [int(b) for b in args.batches.split(",")]
-
-    src = build_model(args.work, args.layers, args.hidden, args.intermediate)
-    n_params = sum(math.prod(shape) for shape in _shapes(src))
-    env = {"VLLM_CPU_OMP_THREADS_BIND": args.omp_bind} if args.omp_bind else {}
     schemes = [s for s in args.schemes.split(",") if s]
     for scheme in schemes:
         if scheme not in ("w4a16", "w8a8"):
             p.error(f"--schemes: unknown scheme {scheme!r} (w4a16, w8a8)")
     if (args.aten_int4 or args.cpuwna16) and "w4a16" not in schemes:
         p.error("--aten-int4 and --cpuwna16 need w4a16 in --schemes")
+    args.work.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batches.split(",")]
+
+    src = build_model(args.work, args.layers, args.hidden, args.intermediate)
+    n_params = sum(math.prod(shape) for shape in _shapes(src))
+    env = {"VLLM_CPU_OMP_THREADS_BIND": args.omp_bind} if args.omp_bind else {}
     runs = {"bf16": (src, env), **{s: (export(src, args.work, s), env) for s in schemes}}
     if args.aten_int4:
         runs["w4a16 (aten int4)"] = (runs["w4a16"][0], {**env, "VLLM_DISABLED_KERNELS": "TileInt4CPULinearKernel"})
