@@ -105,6 +105,8 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", default="1,16")
+    p.add_argument("--schemes", default="w4a16,w8a8",
+                   help="quantized exports to serve besides bf16, comma-separated (w4a16, w8a8)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="serve without torch.compile (vLLM's CPU default compiles the model)")
     p.add_argument("--omp-bind", default=None, metavar="CPUS",
@@ -115,14 +117,19 @@ def main() -> int:
     p.add_argument("--aten-int4", action="store_true",
                    help="also run W4A16 on aten's int4 kernel (this package's compiled tile GEMV disabled)")
     args = p.parse_args()
+    schemes = [s for s in args.schemes.split(",") if s]
+    for scheme in schemes:
+        if scheme not in ("w4a16", "w8a8"):
+            p.error(f"--schemes: unknown scheme {scheme!r} (w4a16, w8a8)")
+    if (args.aten_int4 or args.cpuwna16) and "w4a16" not in schemes:
+        p.error("--aten-int4 and --cpuwna16 need w4a16 in --schemes")
     args.work.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
 
     src = build_model(args.work, args.layers, args.hidden, args.intermediate)
     n_params = sum(math.prod(shape) for shape in _shapes(src))
     env = {"VLLM_CPU_OMP_THREADS_BIND": args.omp_bind} if args.omp_bind else {}
-    runs = {"bf16": (src, env), "w4a16": (export(src, args.work, "w4a16"), env),
-            "w8a8": (export(src, args.work, "w8a8"), env)}
+    runs = {"bf16": (src, env), **{s: (export(src, args.work, s), env) for s in schemes}}
     if args.aten_int4:
         runs["w4a16 (aten int4)"] = (runs["w4a16"][0], {**env, "VLLM_DISABLED_KERNELS": "TileInt4CPULinearKernel"})
     if args.cpuwna16:
@@ -142,7 +149,7 @@ def main() -> int:
             cells += [f"{rates[b]:.1f}", f"{rates[b] / results['bf16'][b]:.2f}x"]
         print("| " + " | ".join(cells) + " |")
     for (scheme, batch), target in TARGETS.items():
-        if batch not in batches:
+        if batch not in batches or scheme not in results:
             continue
         got = results[scheme][batch] / results["bf16"][batch]
         print(f"target {scheme} >= {target}x bf16 at batch {batch}: {got:.2f}x ({'met' if got >= target else 'NOT met'})")

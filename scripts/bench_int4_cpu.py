@@ -154,6 +154,14 @@ def main() -> int:
             got = tile_bytes / one_row[f"tile {isa}"]
             print(f"tile {isa} at 1 row: {tile_bytes / 1e6:.0f} MB of weights+scales per step, "
                   f"{got / 1e9:.1f} GB/s = {100 * got / bw:.0f}% of the streaming read")
+            if isa == "avx512bf16":
+                print(f"target avx512bf16 >= 90% of the streaming read at 1 row: {100 * got / bw:.0f}% "
+                      f"({'met' if got >= 0.9 * bw else 'NOT met'})")
+    if one_row and "avx2" in isas:
+        got, aten = one_row[base] / one_row["tile avx2"], one_row[base] / one_row["aten int4"]
+        ok = got >= 2.5 and got > aten
+        print(f"target tile avx2 >= 2.5x {base} at 1 row and above aten int4 ({aten:.2f}x): {got:.2f}x "
+              f"({'met' if ok else 'NOT met'})")
     return 0
 
 

@@ -179,7 +179,7 @@ def test_float32_activations_vs_float64(loaded, isa):
 @pytest.mark.parametrize("isa", ext.ISAS)
 @pytest.mark.parametrize("n, k, gs", SHAPES[:3])
 def test_linear_both_paths_vs_float64(loaded, n, k, gs, isa):
-    """``linear`` with bias and leading dims: tile kernel below the crossover, dequantized GEMM from it."""
+    """``linear`` with bias, with and without leading dims: tile kernel below the crossover, dequantized GEMM from it."""
     _need(isa)
     u, s, w = _weights(n, k, gs)
     qw, sc = ext.pack_tiles(u, s, gs)
@@ -193,6 +193,8 @@ def test_linear_both_paths_vs_float64(loaded, n, k, gs, isa):
         out = ext.linear(x, qw, sc, gs, bias, isa)
         assert out.shape == (1, rows, n)
         assert _rel_err(out, x.double() @ w.t() + bias.double()) <= tol + TOL_BIAS
+        flat = ext.linear(x[0], qw, sc, gs, bias, isa)  # 2-D input (what vLLM passes) skips the reshapes
+        assert flat.shape == (rows, n) and torch.equal(flat, out[0])
 
 
 def test_linear_under_torch_compile(loaded):

@@ -226,13 +226,13 @@ def linear(x: torch.Tensor, qw: torch.Tensor, sc: torch.Tensor, group_size: int,
            bias: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for ``x [..., K]``: the tile kernel below :func:`dequant_min_rows`
     rows, a GEMM on the dequantized weight from there on."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
     isa = isa or selected_isa()
+    flat = x.dim() != 2  # vLLM passes [tokens, K]: no reshapes then (each costs about 1 us per call)
+    x2 = x.reshape(-1, x.shape[-1]) if flat else x
     out = torch.ops.vllm_plugins_cpu.int4_linear(x2, qw, sc, group_size, dequant_min_rows(isa), isa)
     if bias is not None:
         out = out + bias.to(out.dtype)
-    return out.reshape(*shape[:-1], out.shape[-1])
+    return out.reshape(*x.shape[:-1], out.shape[-1]) if flat else out
 
 
 if __name__ == "__main__":

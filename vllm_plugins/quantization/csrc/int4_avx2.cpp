@@ -30,50 +30,49 @@ namespace {
 constexpr int kMaxRows = 4;             // activation rows per pass (MB)
 constexpr int64_t kPrefetchBlocks = 16;  // blocks ahead in each tile's stream (1 KiB)
 
-// MB rows x NV tiles (2 vectors of 8 outputs each) starting at tile t; res[b][v * 16 + n].
-template <int MB, int NV>
+// MB rows of tile t (2 vectors of 8 outputs each); res[b * 16 + n]. A accumulator
+// chains per output vector (inputs j % A): an FMA's latency is several cycles, so
+// one or two rows need two chains to keep the FMA pipes busy.
+template <int MB>
 VP_AVX2 void block(const float* xp, const float* xoff, const Problem& p, int64_t t, float* res) {
+  constexpr int A = MB <= 2 ? 2 : 1;
   const int64_t kpg = p.gs / kBlockK;
-  const uint8_t* w[NV];
-  const float* s[NV];
-  for (int v = 0; v < NV; ++v) {
-    w[v] = p.qw + (t + v) * p.tile_bytes();
-    s[v] = p.sc + (t + v) * p.groups * kTile;
-  }
+  const uint8_t* w = p.qw + t * p.tile_bytes();
+  const float* s = p.sc + t * p.groups * kTile;
   // Totals live in memory (res): touched once per group, they leave the registers to the accumulators.
-  for (int64_t j = 0; j < MB * NV * kTile; ++j) res[j] = 0.f;
+  for (int64_t j = 0; j < MB * kTile; ++j) res[j] = 0.f;
 
   for (int64_t g = 0; g < p.groups; ++g) {
-    __m256 acc[MB][NV][2];
+    __m256 acc[MB][2][A];
     for (int b = 0; b < MB; ++b)
-      for (int v = 0; v < NV; ++v) acc[b][v][0] = acc[b][v][1] = _mm256_setzero_ps();
+      for (int h = 0; h < 2; ++h)
+        for (int a = 0; a < A; ++a) acc[b][h][a] = _mm256_setzero_ps();
     for (int64_t c = g * kpg; c < (g + 1) * kpg; ++c) {
       const float* xc = xp + c * kBlockK;
-      for (int v = 0; v < NV; ++v) {
-        const uint8_t* blk = w[v] + c * kBlockBytes;
-        _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocks * kBlockBytes), _MM_HINT_T0);
-        for (int h = 0; h < 2; ++h) {
-          const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * h));
-          const __m256i hi = _mm256_srli_epi32(lo, 16);
+      const uint8_t* blk = w + c * kBlockBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocks * kBlockBytes), _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * h));
+        const __m256i hi = _mm256_srli_epi32(lo, 16);
 #pragma GCC unroll 8
-          for (int j = 0; j < 8; ++j) {  // input 8c + j = 8c + 2i + e
-            const int i = j / 2, e = j % 2;
-            const __m256i mask = _mm256_set1_epi32(0xF << (4 * i));
-            const __m256 u = _mm256_cvtepi32_ps(_mm256_and_si256(e ? hi : lo, mask));
-            for (int b = 0; b < MB; ++b)
-              acc[b][v][h] = _mm256_fmadd_ps(u, _mm256_broadcast_ss(xc + b * p.k + j), acc[b][v][h]);
-          }
+        for (int j = 0; j < 8; ++j) {  // input 8c + j = 8c + 2i + e
+          const int i = j / 2, e = j % 2;
+          const __m256i mask = _mm256_set1_epi32(0xF << (4 * i));
+          const __m256 u = _mm256_cvtepi32_ps(_mm256_and_si256(e ? hi : lo, mask));
+          for (int b = 0; b < MB; ++b)
+            acc[b][h][j % A] = _mm256_fmadd_ps(u, _mm256_broadcast_ss(xc + b * p.k + j), acc[b][h][j % A]);
         }
       }
     }
     for (int b = 0; b < MB; ++b) {
       const __m256 off = _mm256_set1_ps(xoff[b * p.groups + g]);
-      for (int v = 0; v < NV; ++v)
-        for (int h = 0; h < 2; ++h) {
-          float* tot = res + (b * NV + v) * kTile + 8 * h;
-          _mm256_storeu_ps(tot, _mm256_fmadd_ps(_mm256_sub_ps(acc[b][v][h], off),
-                                                _mm256_loadu_ps(s[v] + g * kTile + 8 * h), _mm256_loadu_ps(tot)));
-        }
+      for (int h = 0; h < 2; ++h) {
+        __m256 sum = acc[b][h][0];
+        for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[b][h][a]);
+        float* tot = res + b * kTile + 8 * h;
+        _mm256_storeu_ps(tot, _mm256_fmadd_ps(_mm256_sub_ps(sum, off), _mm256_loadu_ps(s + g * kTile + 8 * h),
+                                              _mm256_loadu_ps(tot)));
+      }
     }
   }
 }
@@ -98,29 +97,26 @@ void avx2_prepare(const float* x, const Problem& p, float* xp, float* xoff) {
 }
 
 void avx2_tiles(const float* xp, const float* xoff, const Problem& p, int64_t t0, int64_t t1, const Out& out) {
-  float res[kMaxRows * 2 * kTile];
-  for (int64_t t = t0; t < t1;) {
-    // One row: 2 tiles at once (4 accumulator chains); more rows: one tile, each unpacked vector serving them all.
-    const int64_t nv = p.m == 1 && t + 1 < t1 ? 2 : 1;
+  float res[kMaxRows * kTile];
+  // One tile at a time, each unpacked vector serving up to 4 rows. (Two tiles
+  // per pass at one row need 16 accumulators with the 2 chains per vector:
+  // all 16 ymm registers, so they spill; 1 tile took about 27% less CPU time
+  // per step of the 0.5B shapes, loaded machine.)
+  for (int64_t t = t0; t < t1; ++t) {
     for (int64_t i = 0; i < p.m;) {
       const int64_t mb = std::min<int64_t>(kMaxRows, p.m - i);
       const float* xi = xp + i * p.k;
       const float* oi = xoff + i * p.groups;
-      if (nv == 2)
-        block<1, 2>(xi, oi, p, t, res);
-      else if (mb == 1)
-        block<1, 1>(xi, oi, p, t, res);
-      else if (mb == 2)
-        block<2, 1>(xi, oi, p, t, res);
-      else if (mb == 3)
-        block<3, 1>(xi, oi, p, t, res);
-      else
-        block<4, 1>(xi, oi, p, t, res);
+      switch (mb) {
+        case 4: block<4>(xi, oi, p, t, res); break;
+        case 3: block<3>(xi, oi, p, t, res); break;
+        case 2: block<2>(xi, oi, p, t, res); break;
+        default: block<1>(xi, oi, p, t, res);
+      }
       for (int64_t b = 0; b < mb; ++b)
-        for (int64_t j = 0; j < nv * kTile; ++j) out.put((i + b) * p.n + t * kTile + j, res[b * nv * kTile + j]);
+        for (int64_t j = 0; j < kTile; ++j) out.put((i + b) * p.n + t * kTile + j, res[b * kTile + j]);
       i += mb;
     }
-    t += nv;
   }
 }
 
