@@ -130,15 +130,12 @@ def cell_targets(samples: Sequence[Sample]) -> torch.Tensor:
 
 
 def pretrain_vision(model, encoder: Encoder, draw: Callable[[], Sequence[Sample]], steps: int,
-                    lr: float) -> float:
+                    lr: float) -> tuple[torch.nn.Linear, float]:
     """Stage 0, standing in for the pretrained vision encoder a real LLaVA
-    starts from: train the vision tower and projector so that a linear probe
-    reads each cell's content (:data:`CELL_LABELS`) from its image feature.
-    The probe is thrown away. Returns the probe's accuracy on the last batch.
-
-    Without it the language model's answer loss alone took more than 900
-    steps to pull shape (cross, square, triangle) into the features: colours
-    and positions were read, every shape came out as "triangle"."""
+    starts from: train the vision tower and projector, with a linear probe
+    on the projector's output, to name each cell's content
+    (:data:`CELL_LABELS`). Returns the probe (the caller throws it away) and
+    its accuracy on the last batch. The language model is not touched."""
     head = torch.nn.Linear(model.config.text_config.hidden_size, len(CELL_LABELS))
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
               *head.parameters()]
@@ -153,4 +150,4 @@ def pretrain_vision(model, encoder: Encoder, draw: Callable[[], Sequence[Sample]
         loss.backward()
         opt.step()
         acc = (logits.argmax(-1) == target).float().mean().item()
-    return acc
+    return head, acc
