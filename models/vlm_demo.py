@@ -143,9 +143,9 @@ def train_vlm(model, encoder, cfg: VlmDemoConfig, progress: bool = True) -> None
                 for t in tasks]
 
     model.train()
-    _, probe = pretrain_vision(model, encoder, draw, cfg.vision_pretrain_steps, cfg.vision_pretrain_lr)
+    _, probe_accuracy = pretrain_vision(model, encoder, draw, cfg.vision_pretrain_steps, cfg.vision_pretrain_lr)
     if progress and cfg.vision_pretrain_steps:
-        print(f"vision pre-training: {cfg.vision_pretrain_steps} steps, cell probe accuracy {probe:.1%}")
+        print(f"vision pre-training: {cfg.vision_pretrain_steps} steps, cell probe accuracy {probe_accuracy:.1%}")
     model.model.vision_tower.requires_grad_(cfg.train_vision_tower)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
