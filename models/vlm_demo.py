@@ -71,7 +71,7 @@ class VlmDemoConfig:
     vision_pretrain_steps: int = 100
     vision_pretrain_lr: float = 3e-3
     train_vision_tower: bool = False
-    steps: int = 1000
+    steps: int = 700
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
