@@ -11,6 +11,10 @@ can only come from the image:
 - ``count``: how many shapes (1 to ``max_shapes``, all of one colour and kind);
 - ``position``: the colour, kind, row and column of the one shape.
 
+Every sample also records what each cell holds (:data:`CELL_LABELS`), the
+per-patch truth that :func:`models.vlm_train.pretrain_vision` teaches the
+vision tower before the whole model trains on the answers.
+
 No torch and no vLLM here: numpy and the standard library only (PIL only
 to write PNGs).
 """
@@ -38,6 +42,8 @@ QUESTIONS: dict[str, str] = {
     "position": "Where is the shape?",
 }
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+# What one cell can hold: nothing, a plain colour (a grid cell), or a shape.
+CELL_LABELS: tuple[str, ...] = ("",) + tuple(COLOURS) + tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class Sample:
     question: str
     answer: str
     task: str
+    cells: tuple[str, ...] = ()  # one CELL_LABELS entry per cell, in reading order
 
 
 def _shape_masks(cell: int) -> dict[str, np.ndarray]:
@@ -104,6 +111,13 @@ def _scene(rng: np.random.Generator, grid: int, cell: int, n: int, same: bool = 
     return image, objects
 
 
+def _cell_labels(objects, grid: int) -> tuple[str, ...]:
+    labels = [""] * (grid * grid)
+    for row, col, colour, shape in objects:
+        labels[row * grid + col] = f"{colour} {shape}"
+    return tuple(labels)
+
+
 def make_sample(rng: np.random.Generator, task: str, grid: int = 4, cell: int = 8,
                 max_shapes: int = 4) -> Sample:
     """One image with its question and answer for ``task`` (a family)."""
@@ -115,21 +129,23 @@ def make_sample(rng: np.random.Generator, task: str, grid: int = 4, cell: int = 
             for c in range(grid):
                 image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = _jitter(rng, COLOURS[colours[cells[r, c]]])
         answer = ", ".join(" ".join(colours[i] for i in row) for row in cells)
-        return Sample(image, QUESTIONS[task], answer + ".", task)
+        return Sample(image, QUESTIONS[task], answer + ".", task, tuple(colours[i] for i in cells.flat))
     if task == "global":
         image, objects = _scene(rng, grid, cell, 2)
         answer = _join([f"a {colour} {shape}" for _, _, colour, shape in objects])
-        return Sample(image, QUESTIONS[task], f"There are {answer}.", task)
+        return Sample(image, QUESTIONS[task], f"There are {answer}.", task, _cell_labels(objects, grid))
     if task == "count":
         n = int(rng.integers(1, max_shapes + 1))
         image, objects = _scene(rng, grid, cell, n, same=True)
         _, _, colour, shape = objects[0]
         verb = "is" if n == 1 else "are"
-        return Sample(image, QUESTIONS[task], f"There {verb} {_count(n, colour + ' ' + shape)}.", task)
+        return Sample(image, QUESTIONS[task], f"There {verb} {_count(n, colour + ' ' + shape)}.", task,
+                      _cell_labels(objects, grid))
     if task == "position":
-        image, ((row, col, colour, shape),) = _scene(rng, grid, cell, 1)
+        image, objects = _scene(rng, grid, cell, 1)
+        ((row, col, colour, shape),) = objects
         return Sample(image, QUESTIONS[task], f"The {colour} {shape} is in row {NUMBER_WORDS[row + 1]}, "
-                      f"column {NUMBER_WORDS[col + 1]}.", task)
+                      f"column {NUMBER_WORDS[col + 1]}.", task, _cell_labels(objects, grid))
     raise ValueError(f"unknown task family {task!r}; expected one of {FAMILIES}")
 
 

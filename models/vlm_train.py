@@ -10,14 +10,14 @@ vLLM's processor and ``LlavaProcessor`` do.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models.tiny_vlm import IMAGE_TOKEN
-from models.vlm_tasks import Sample
+from models.vlm_tasks import CELL_LABELS, Sample
 
 
 def prompt_ids(tokenizer, question: str) -> list[int]:
@@ -115,3 +115,39 @@ def evaluate(model, encoder: Encoder, samples: Sequence[Sample], batch_size: int
     rates = {task: sum(v) / len(v) for task, v in sorted(hits.items())}
     rates["overall"] = sum(sum(v) for v in hits.values()) / max(1, len(samples))
     return {"exact_match": rates, "loss": sum(losses) / max(1, len(losses))}
+
+
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projector's output, one row per vision patch: what the language
+    model reads at the placeholders. ``(batch, patches, text_hidden)``."""
+    return torch.stack(list(model.model.get_image_features(pixel_values=pixel_values).pooler_output))
+
+
+def cell_targets(samples: Sequence[Sample]) -> torch.Tensor:
+    """``(batch, cells)`` indices into :data:`CELL_LABELS`."""
+    index = {label: i for i, label in enumerate(CELL_LABELS)}
+    return torch.tensor([[index[c] for c in s.cells] for s in samples])
+
+
+def pretrain_vision(model, encoder: Encoder, draw: Callable[[], Sequence[Sample]], steps: int,
+                    lr: float) -> tuple[torch.nn.Linear, float]:
+    """Stage 0, standing in for the pretrained vision encoder a real LLaVA
+    starts from: train the vision tower and projector, with a linear probe
+    on the projector's output, to name each cell's content
+    (:data:`CELL_LABELS`). Returns the probe (the caller throws it away) and
+    its accuracy on the last batch. The language model is not touched."""
+    head = torch.nn.Linear(model.config.text_config.hidden_size, len(CELL_LABELS))
+    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
+              *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    acc = 0.0
+    for _ in range(steps):
+        samples = draw()
+        logits = head(image_features(model, pixel_values([s.image for s in samples], encoder.mean, encoder.std)))
+        target = cell_targets(samples)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        acc = (logits.argmax(-1) == target).float().mean().item()
+    return head, acc

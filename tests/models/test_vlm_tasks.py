@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from models.vlm_tasks import COLOURS, FAMILIES, NUMBER_WORDS, SHAPES, make_sample, make_samples, plural
+from models.vlm_tasks import CELL_LABELS, COLOURS, FAMILIES, NUMBER_WORDS, SHAPES, make_sample, make_samples, plural
 
 GRID, CELL = 4, 8
 
@@ -52,12 +52,18 @@ def test_answers_match_the_image(task):
         s = make_sample(rng, task, grid=GRID, cell=CELL)
         assert s.image.shape == (GRID * CELL, GRID * CELL, 3) and s.image.dtype == np.uint8
         assert s.task == task and s.answer.endswith(".")
+        assert len(s.cells) == GRID * GRID and set(s.cells) <= set(CELL_LABELS)
         if task == "grid":
             colours = [_nearest_colour(s.image[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
                                        .reshape(-1, 3).mean(0)) for r in range(GRID) for c in range(GRID)]
             assert re.findall(r"[a-z]+", s.answer) == colours
+            assert list(s.cells) == colours
             continue
         objects = _decode_scene(s.image)
+        cells = [""] * (GRID * GRID)
+        for r, c, colour, shape in objects:
+            cells[r * GRID + c] = f"{colour} {shape}"
+        assert list(s.cells) == cells
         if task == "global":
             assert len(objects) == 2
             assert re.findall(r"\ba (\w+) (\w+)", s.answer) == [(o[2], o[3]) for o in objects]
