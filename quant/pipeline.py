@@ -7,8 +7,10 @@ order, then quantize group after group (true-sequential): the Hessian of a
 group is accumulated from a forward pass that already uses the quantized
 weights of the earlier groups, and stops at the group's input (with
 ``true_sequential=False``, one pass over the unquantized layer gives every
-group's Hessian, as llm-compressor and GPTQModel calibrate). Finally the
-layer's quantized output becomes the next layer's input, the layer's tensors
+group's Hessian, as llm-compressor and GPTQModel calibrate). In true-sequential
+order the later passes replay the layer's finished modules from the group inputs
+the earlier passes captured instead of recomputing them (:mod:`quant.replay`).
+Finally the layer's quantized output becomes the next layer's input, the layer's tensors
 are written to one shard per format, and the layer goes back to ``meta``.
 On a CUDA ``--device`` the layer, its Hessians and GPTQ run on the device and
 the results are offloaded before writing (:mod:`quant.device`).

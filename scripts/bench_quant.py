@@ -363,7 +363,7 @@ def main() -> int:
     from quant.calib import calibration_samples, load_tokenizer
     from quant.evaluate import load_dequantized_model, load_float_model, perplexity, tokenize_text
 
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()  # the peers run in it (cwd): their paths must not be relative
     work.mkdir(parents=True, exist_ok=True)
     text = (SHARED / "data" / "tinystories_val.txt").read_text()
     cut = text.index("\n\n", int(len(text) * 0.8))
