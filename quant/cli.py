@@ -46,6 +46,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="true-sequential order inside each layer (each input group's Hessian from a pass through "
                         "the already-quantized earlier groups); --no-true-sequential takes every Hessian of a layer "
                         f"from one pass over the unquantized layer (fewer forward passes; default {d['true_sequential']})")
+    p.add_argument("--replay-cache-mb", type=float, default=d["replay_cache_mb"], metavar="MIB",
+                   help="true-sequential: memory for group inputs kept to replay the finished modules of a layer "
+                        "in its later passes instead of recomputing them (same export; 0 turns it off; "
+                        f"default {d['replay_cache_mb']:g})")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=d["clip_search"],
                    help="gptq: search each group's scale among ratio x amax (1.0 down to --clip-min-ratio, steps of "
                         f"0.01) for the least diag(H)-weighted rounding error (default {d['clip_search']})")
@@ -71,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         act_order=args.act_order, damp_percent=args.damp_percent, block_size=args.block_size,
         num_samples=args.num_samples, seqlen=args.seqlen, seed=args.seed, smoothquant=args.smoothquant,
         calib_dtype=args.calib_dtype, true_sequential=args.true_sequential, device=args.device,
-        clip_search=args.clip_search, clip_min_ratio=args.clip_min_ratio,
+        clip_search=args.clip_search, clip_min_ratio=args.clip_min_ratio, replay_cache_mb=args.replay_cache_mb,
         ignore=tuple(args.ignore) if args.ignore is not None else _DEFAULTS["ignore"], overrides=overrides,
     )
 

@@ -85,6 +85,9 @@ class QuantConfig:
     # w4a16 perplexity 0.985x-1.0x of plain GPTQ's over 3 seeds (README, "Quantizing checkpoints").
     clip_search: bool = True
     clip_min_ratio: float = 0.8
+    # True-sequential: keep group inputs (MiB, where the activations live) to replay finished modules of a
+    # layer instead of recomputing them in its later passes (quant.replay; same exports). 0 turns it off.
+    replay_cache_mb: float = 4096
     # Where layers are calibrated and GPTQ runs ("auto": CUDA when available, else the CPU; quant.device).
     device: str = "auto"
 
@@ -106,6 +109,8 @@ class QuantConfig:
             raise QuantInputError(f"--num-samples must be positive, got {self.num_samples}")
         if not 0 < self.clip_min_ratio <= 1:
             raise QuantInputError(f"--clip-min-ratio must be in (0, 1], got {self.clip_min_ratio}")
+        if not self.replay_cache_mb >= 0:
+            raise QuantInputError(f"--replay-cache-mb must be >= 0, got {self.replay_cache_mb}")
         if self.seqlen < 2:
             raise QuantInputError(f"--seqlen must be at least 2, got {self.seqlen}")
         spec = SCHEMES[self.scheme]

@@ -78,6 +78,13 @@ class Placement:
             rows = slice(s, s + step)
             yield rows, hidden[rows].to(self.device, non_blocking=True, copy=copy)
 
+    def cache_budget(self, requested_bytes: float) -> float:
+        """Bytes the replay cache (:mod:`quant.replay`) may take where the activations live: the request,
+        on a CUDA device no more than :data:`ACTIVATION_SHARE` of its free memory."""
+        if self.device.type == "cuda" and self.activations_on_device:
+            return min(requested_bytes, ACTIVATION_SHARE * free_memory(self.device))
+        return requested_bytes
+
     def onload(self, obj):
         """``obj`` (a module, a tensor, or dicts/tuples/lists of tensors) on the device."""
         return to_device(obj, self.device)

