@@ -299,6 +299,7 @@ def test_embeds_and_placeholder_see_the_same_batches(random_vlm, tmp_path):
                                          ("qwen_vl", "none")])
 def test_vlm_targets_train_and_export(which, mode, request, tmp_path):
     from eagle.layouts import DRAFTER_ARCH, STOCK_ARCH, read_drafter
+    from eagle.offline_eval import served_inputs, trained_inputs
 
     path = request.getfixturevalue(which)
     sizes = [(90, 40), (56, 56), (60, 60)] if which == "qwen_vl" else [(32, 32), (28, 28), (50, 30)]
@@ -308,6 +309,8 @@ def test_vlm_targets_train_and_export(which, mode, request, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == [DRAFTER_ARCH if mode == "embeds" else STOCK_ARCH]
     _, flat, state = read_drafter(out)
+    # the offline evaluation feeds it what vLLM's class for it reads at image positions
+    assert (served_inputs(flat), trained_inputs(out)) == ("embeds" if mode == "embeds" else "placeholder", mode)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     if which == "qwen_vl":
         assert flat["rope_parameters"]["mrope_section"] == [4, 6, 6]
