@@ -193,7 +193,8 @@ def report(results: dict, k: int) -> str:
     n = len(base)
     exact = sum(results["target"]["families"][f]["exact"] for f in fams)
     same = {d: sum(results[d]["outputs"][i] == base[i] for i in base) for d in drafted}
-    lossless = 100.0 * sum(all(results[d]["outputs"][i] == base[i] for d in record) for i in base) / n
+    over = record or drafted  # textonly alone: its own losslessness
+    lossless = 100.0 * sum(all(results[d]["outputs"][i] == base[i] for d in over) for i in base) / n
     lines += ["", f"prompts: {n}; no-drafter answers equal to the reference: {exact}/{n}; "
               "identical to the no-drafter run: " + ", ".join(f"{d} {same[d]}/{n}" for d in drafted)]
     if extra:
