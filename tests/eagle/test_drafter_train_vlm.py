@@ -390,3 +390,13 @@ def test_text_only_rows_drop_the_image(which, request, tmp_path, monkeypatch):
             ref = target(input_ids=batch.ids).logits
         torch.testing.assert_close(feats["logits"], ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(feats["embeds"], target.get_input_embeddings()(batch.ids))
+
+
+@pytest.mark.parametrize("mode", ["placeholder", "none"])
+def test_stock_class_modes_refuse_the_multimodal_norms(mode, random_vlm, tmp_path):
+    data = _write_jsonl(tmp_path, [_conv("img/0.png")])
+    cfg = TrainDrafterConfig(target=random_vlm, data=data, out=tmp_path / "d", image_inputs=mode,
+                             input_embeds_norm=True, **QUICK)
+    with pytest.raises(DrafterError, match=f"--image-inputs {mode} exports for vLLM's stock"):
+        cfg.validate()
+    assert not (tmp_path / "d").exists()
