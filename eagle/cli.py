@@ -26,9 +26,10 @@ _HELP = {
     "natural_text": "also train on --data itself (default: only on sequences the target writes)",
     "self_distill_sequences": "sequences the target writes itself (greedy) for training",
     "target_temperature": "softmax temperature of the target's labels (<1 sharpens towards greedy)",
-    "image_inputs": "drafter input at image placeholders: the target's image embeddings (served "
-                    "by this package's drafter class) or the placeholder token's embedding "
-                    "(text-only baseline, served by vLLM's stock class)",
+    "image_inputs": "drafter input at image placeholders: embeds, the target's image embeddings "
+                    "(served by this package's drafter class); placeholder, the placeholder token's "
+                    "embedding (served by vLLM's stock class); none, rows without the image "
+                    "(the prompt's text only, as public drafters are trained; stock class)",
     "device": "where the target and the drafter run (auto: cuda if available; bf16 autocast on cuda)",
     "threads": "torch threads on CPU (default 1: fastest for these small matmuls on a shared machine)",
     "seq_len": "text tokens per training sequence (image placeholders come on top)",

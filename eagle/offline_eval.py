@@ -126,6 +126,22 @@ def evaluate(drafter: TorchEagle3Drafter, vlm: VLMInputs, rows: list[Served], au
     return stats
 
 
+def served_inputs(flat: dict) -> str:
+    """What the drafter reads at image positions when vLLM serves it: the
+    image embeddings for this package's multimodal class, else (vLLM's stock
+    class, which ``placeholder``- and ``none``-trained drafters name) the
+    placeholder token's embedding."""
+    return "embeds" if flat.get("architectures", [""])[0] == "Eagle3MultimodalLlamaForCausalLM" else "placeholder"
+
+
+def trained_inputs(path: Path) -> str | None:
+    """``train-drafter --image-inputs`` of the checkpoint, when it says."""
+    import json
+
+    saved = path / "train_drafter.json"
+    return json.loads(saved.read_text()).get("image_inputs") if saved.is_file() else None
+
+
 def simulate_drafts(preds: list[list[int]], ids: list[int], prompt_len: int, k: int) -> list[int]:
     """Accepted tokens of each draft of a greedy speculative decode of
     ``ids`` (prompt, then the target's answer): ``preds[i][row]`` is the
@@ -190,9 +206,10 @@ def main(argv=None) -> int:
     results = {}
     for path in args.drafter:
         drafter, flat = load_torch_drafter(path, target)
-        mode = "placeholder" if flat.get("architectures", [""])[0] != "Eagle3MultimodalLlamaForCausalLM" \
-            else "embeds"
-        results[f"{path.name} ({mode})"] = evaluate(drafter, vlm, rows, flat["eagle_aux_hidden_state_layer_ids"],
+        mode = served_inputs(flat)
+        trained = trained_inputs(path)
+        label = mode if trained in (None, mode) else f"trained {trained}, served {mode}"
+        results[f"{path.name} ({label})"] = evaluate(drafter, vlm, rows, flat["eagle_aux_hidden_state_layer_ids"],
                                                     args.k, mode)
     print(table(results, args.k))
     return 0

@@ -13,8 +13,11 @@ responses the target writes given the image, placeholder positions out of
 the loss, and at those positions the drafter reads the target's image
 embeddings (``--image-inputs embeds``, what
 :class:`eagle.drafter.Eagle3MultimodalLlamaForCausalLM` is fed at serve time)
-or the placeholder token's embedding (``placeholder``, the text-only
-baseline that vLLM's stock drafter class serves).
+or the placeholder token's embedding (``placeholder``, the baseline that
+vLLM's stock drafter class serves). ``none`` trains on text only, as public
+drafters are: the same self-distilled responses, but each row's prompt is the
+human turn's text without the image (no placeholders, no pixels, the target's
+features computed on the text alone); it is served by the stock class too.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from quant.outdir import is_taken, staged_output_dir
 
 
 DEVICES = ("auto", "cpu", "cuda")
+STOCK_IMAGE_INPUTS = ("placeholder", "none")  # exported for vLLM's stock Eagle3LlamaForCausalLM
 
 
 @dataclass
@@ -75,7 +79,7 @@ class TrainDrafterConfig:
     # and slow down up to 40x when another process shares the cores (issue 15).
     threads: int = 1
     progress: bool = True
-    image_inputs: str = "embeds"  # drafter input at image placeholders: embeds | placeholder
+    image_inputs: str = "embeds"  # drafter input at image placeholders: embeds | placeholder | none (text only)
     device: str = "auto"  # auto | cpu | cuda (bf16 autocast on CUDA)
 
     def validate(self) -> None:
@@ -93,8 +97,8 @@ class TrainDrafterConfig:
             raise DrafterError(f"--image-inputs {self.image_inputs!r}: expected one of {IMAGE_INPUTS}")
         if self.device not in DEVICES:
             raise DrafterError(f"--device {self.device!r}: expected one of {DEVICES}")
-        if self.image_inputs == "placeholder" and (self.input_embeds_norm or self.fused_hidden_norm):
-            raise DrafterError("--image-inputs placeholder exports for vLLM's stock drafter class, "
+        if self.image_inputs in STOCK_IMAGE_INPUTS and (self.input_embeds_norm or self.fused_hidden_norm):
+            raise DrafterError(f"--image-inputs {self.image_inputs} exports for vLLM's stock drafter class, "
                                "which has no --input-embeds-norm / --fused-hidden-norm")
         for flag, value, low in (
             ("--ttt-steps", self.ttt_steps, 1), ("--seq-len", self.seq_len, 8),
@@ -325,7 +329,7 @@ def image_batches(target, tokenizer, cfg: TrainDrafterConfig, device):
     convs = read_conversations(cfg.data)
     rows = build_examples(vlm, tokenizer, convs, cfg.data, seq_len=cfg.seq_len,
                           distill=cfg.self_distill_sequences, natural_text=cfg.natural_text,
-                          progress=cfg.progress)
+                          progress=cfg.progress, text_only=cfg.image_inputs == "none")
     tokens = torch.tensor([t for r in rows for t in r.text_ids()], dtype=torch.long)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -415,14 +419,14 @@ def export(drafter: TorchEagle3Drafter, dcfg: dict, cfg: TrainDrafterConfig, tok
     A full-vocabulary drafter is written without ``d2t``/``t2d`` (the
     identity), which is how vLLM's stock ``Eagle3LlamaForCausalLM`` expects
     it (``draft_vocab_size == vocab_size``, no mapping tensor). A
-    ``placeholder``-trained drafter names vLLM's stock class, which reads the
-    placeholder token's embedding at image positions as it was trained."""
+    ``placeholder``- or ``none``-trained drafter names vLLM's stock class,
+    which reads the placeholder token's embedding at image positions."""
     state = {k: v.detach().clone() for k, v in drafter.state_dict().items()}
     check_finite(state, f"training diverged; nothing was written to --out {cfg.out}")
     if dcfg["draft_vocab_size"] == dcfg["vocab_size"]:
         state.pop("d2t")
         state.pop("t2d")
-    arch = STOCK_ARCH if cfg.image_inputs == "placeholder" else DRAFTER_ARCH
+    arch = STOCK_ARCH if cfg.image_inputs in STOCK_IMAGE_INPUTS else DRAFTER_ARCH
     with staged_output_dir(cfg.out) as tmp:
         write_drafter(tmp, state, dcfg, cfg.layout, architecture=arch, verifier=str(cfg.target),
                       speculative_tokens=cfg.ttt_steps)

@@ -34,7 +34,10 @@ from eagle.checks import DrafterError
 from eagle.features import target_features
 from eagle.mm_data import IMAGE_TAG, Conversation, load_image
 
-IMAGE_INPUTS = ("embeds", "placeholder")
+# embeds: the target's image embeddings at the placeholders; placeholder: the
+# placeholder token's embedding there (both trained on the image-conditioned
+# rows); none: rows without the image at all (text only, as public drafters).
+IMAGE_INPUTS = ("embeds", "placeholder", "none")
 _QWEN_TYPES = ("qwen2_5_vl", "qwen2_vl")
 
 
@@ -102,18 +105,17 @@ class VLMInputs:
     def prompt_ids(self, tokenizer, prompt: str, n_image: int, where: str) -> tuple[list[int], int]:
         """The served prompt (chat template, generation prompt) with the
         image expanded to ``n_image`` placeholders; ``(ids, start)``."""
-        text = prompt.replace(IMAGE_TAG, self.image_text(tokenizer))
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 add_generation_prompt=True, tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(text)["input_ids"]
+        ids = _chat_ids(tokenizer, prompt.replace(IMAGE_TAG, self.image_text(tokenizer)))
         if ids.count(self.image_token_id) != 1:
             raise DrafterError(f"{where}: the prompt holds the image token "
                                f"{ids.count(self.image_token_id)} times besides its {IMAGE_TAG} tag")
         start = ids.index(self.image_token_id)
         return ids[:start] + [self.image_token_id] * n_image + ids[start + 1:], start
+
+    def text_prompt_ids(self, tokenizer, prompt: str) -> list[int]:
+        """The prompt without its image: the human turn's text alone (no
+        image tag, no placeholders), in the same chat template."""
+        return _chat_ids(tokenizer, prompt.replace(IMAGE_TAG, "").strip())
 
     # --- target forward -----------------------------------------------------
     def image_embeds(self, pixels: dict) -> torch.Tensor:
@@ -136,12 +138,14 @@ class VLMInputs:
         if not self.qwen:
             return torch.arange(t, device=batch.ids.device).expand(b, t)
         pos, _ = self.target.model.get_rope_index(
-            batch.ids, batch.image_mask.int(), image_grid_thw=batch.pixels["image_grid_thw"])
+            batch.ids, batch.image_mask.int(), image_grid_thw=batch.pixels.get("image_grid_thw"))
         return pos
 
     def inputs_embeds(self, batch: Batch) -> torch.Tensor:
         embed = self.target.get_input_embeddings()
         x = embed(batch.ids.masked_fill(batch.image_mask, 0))
+        if not batch.pixels:  # text-only rows: the vision tower is never run
+            return x
         image = self.image_embeds(batch.pixels).to(x.dtype)
         if image.shape[0] != int(batch.image_mask.sum()):
             raise DrafterError(f"the target's vision tower gave {image.shape[0]} image embeddings "
@@ -173,6 +177,14 @@ class VLMInputs:
                 for cont in out[:, ids.shape[1]:].tolist()]
 
 
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
+
+
 def _image_processor(cfg, target_dir: Path, qwen: bool):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -197,6 +209,11 @@ def _image_processor(cfg, target_dir: Path, qwen: bool):
 
 
 def collate_pixels(items: list[dict], qwen: bool, device) -> dict:
+    """The batch's pixels; ``{}`` for text-only rows (no image in any row)."""
+    if not any(items):
+        return {}
+    if not all(items):
+        raise DrafterError("a batch mixes rows with and without an image")
     if qwen:
         return {"pixel_values": torch.cat([p["pixel_values"] for p in items]).to(device),
                 "image_grid_thw": torch.cat([p["image_grid_thw"] for p in items]).to(device)}
@@ -220,12 +237,14 @@ def collate(examples: list[Example], qwen: bool, device, pad_id: int = 0) -> Bat
 
 def build_examples(vlm: VLMInputs, tokenizer, convs: list[Conversation], data: Path, *,
                    seq_len: int, distill: int, natural_text: bool, progress: bool = False,
-                   batch_size: int = 32) -> list[Example]:
+                   batch_size: int = 32, text_only: bool = False) -> list[Example]:
     """Training rows: the prompt with its image, then up to ``seq_len`` text
     tokens in all (the image placeholders come on top). Responses are the
     target's greedy continuation given the image for the first ``distill``
     conversations (self-distillation), plus the dataset's own answers with
-    ``natural_text`` (or when ``distill`` is 0)."""
+    ``natural_text`` (or when ``distill`` is 0). With ``text_only`` the
+    responses are the same but each row's prompt is the human turn's text
+    alone (:meth:`VLMInputs.text_prompt_ids`): no image token, no pixels."""
     from tqdm import tqdm
 
     prompts = []
@@ -261,6 +280,11 @@ def build_examples(vlm: VLMInputs, tokenizer, convs: list[Conversation], data: P
                     rows.append(Example(p.ids + cont, p.start, p.n_image, p.pixels, p.line))
                 bar.update(len(part))
         bar.close()
+    if text_only:
+        prompt_of = {p.line: p for p in prompts}
+        texts = {conv.line: vlm.text_prompt_ids(tokenizer, conv.prompt) for conv in convs}
+        rows = [Example(texts[r.line] + r.ids[len(prompt_of[r.line].ids):], 0, 0, {}, r.line)
+                for r in rows]
     return rows
 
 

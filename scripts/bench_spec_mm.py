@@ -9,7 +9,11 @@ images:
 - ``text``: the drafter trained with ``--image-inputs placeholder`` (same
   batches, same seed), served by vLLM's stock ``Eagle3LlamaForCausalLM``
   (architecture ``LlamaForCausalLMEagle3``: it reads the placeholder token's
-  embedding).
+  embedding);
+- ``textonly`` (optional, not in the default set): the drafter trained with
+  ``--image-inputs none``, on the same answers but without the image (the
+  prompt's text only), as public multimodal drafters are; served by the stock
+  class like ``text``.
 
 Acceptance comes from vLLM's own spec-decode counters (``LLM.get_metrics()``:
 ``vllm:spec_decode_num_drafts``, ``..._num_accepted_tokens`` and
@@ -18,10 +22,12 @@ family's requests; mean acceptance length = 1 + accepted / drafts.
 Each configuration runs in its own process. The last line is
 ``acceptance vision=X text=Y lossless=Z%``: X and Y the mean acceptance
 lengths averaged over the task families, Z the share of prompts whose
-tokens equal the no-drafter run in both drafter runs.
+tokens equal the no-drafter run in both drafter runs. With ``textonly`` the
+line before it is ``acceptance textonly=W``.
 
     python scripts/bench_spec_mm.py [--work runs/bench-spec-mm] [--vlm DIR]
         [--vision-drafter DIR --text-drafter DIR] [--train-steps N]
+        [--configs target,vision,text,textonly --textonly-drafter DIR]
 
 ``python -m eagle.offline_eval`` replays the same prompts in torch (no vLLM)
 and reproduces these acceptance figures; use it to tell a training problem
@@ -44,7 +50,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("target", "vision", "text")
+CONFIGS = ("target", "vision", "text")  # the default set; the last line reports vision and text
+EXTRA_CONFIGS = ("textonly",)  # run on request, reported on the line before the last
+TRAINED_WITH = {"vision": "embeds", "text": "placeholder", "textonly": "none"}  # --image-inputs
 STOCK_ARCH = "LlamaForCausalLMEagle3"  # vLLM maps it to Eagle3LlamaForCausalLM
 
 
@@ -54,9 +62,9 @@ def _cli(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def _stock_copy(drafter: Path, work: Path) -> Path:
+def _stock_copy(drafter: Path, work: Path, name: str) -> Path:
     """A copy of ``drafter`` whose config names vLLM's stock EAGLE-3 class."""
-    out = work / "text-drafter-stock"
+    out = work / f"{name}-drafter-stock"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(drafter, out)
     cfg = json.loads((out / "config.json").read_text())
@@ -180,13 +188,18 @@ def report(results: dict, k: int) -> str:
                      f" | {pos} | {tok_s:.1f} |")
     base = results["target"]["outputs"]
     drafted = [n for n in results if n != "target"]
+    record = [d for d in drafted if d not in EXTRA_CONFIGS]
+    extra = [d for d in drafted if d in EXTRA_CONFIGS]
     n = len(base)
     exact = sum(results["target"]["families"][f]["exact"] for f in fams)
     same = {d: sum(results[d]["outputs"][i] == base[i] for i in base) for d in drafted}
-    lossless = 100.0 * sum(all(results[d]["outputs"][i] == base[i] for d in drafted) for i in base) / n
+    over = record or drafted  # textonly alone: its own losslessness
+    lossless = 100.0 * sum(all(results[d]["outputs"][i] == base[i] for d in over) for i in base) / n
     lines += ["", f"prompts: {n}; no-drafter answers equal to the reference: {exact}/{n}; "
-              "identical to the no-drafter run: " + ", ".join(f"{d} {same[d]}/{n}" for d in drafted),
-              "acceptance " + " ".join(f"{d}={means[d]:.2f}" for d in drafted) + f" lossless={lossless:.0f}%"]
+              "identical to the no-drafter run: " + ", ".join(f"{d} {same[d]}/{n}" for d in drafted)]
+    if extra:
+        lines.append("acceptance " + " ".join(f"{d}={means[d]:.2f}" for d in extra))
+    lines.append("acceptance " + " ".join(f"{d}={means[d]:.2f}" for d in record) + f" lossless={lossless:.0f}%")
     return "\n".join(lines)
 
 
@@ -197,12 +210,15 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=None, help="held-out jsonl (default: VLM/heldout.jsonl)")
     p.add_argument("--vision-drafter", type=Path, default=None)
     p.add_argument("--text-drafter", type=Path, default=None)
+    p.add_argument("--textonly-drafter", type=Path, default=None,
+                   help="drafter trained with --image-inputs none (for the textonly config)")
     p.add_argument("--train-steps", type=int, default=None, help="train-drafter --steps (default: its own)")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=0, help="first N held-out rows (0: all)")
     p.add_argument("--configs", default=",".join(CONFIGS),
-                   help="comma-separated subset of target,vision,text (target is always run)")
+                   help="comma-separated subset of target,vision,text,textonly (target is always "
+                        "run; textonly is not in the default set)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--draft", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
@@ -210,23 +226,29 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
 
+    asked = args.configs.split(",")
+    unknown = sorted(set(asked) - set(CONFIGS + EXTRA_CONFIGS))
+    if unknown:
+        p.error(f"--configs: unknown {', '.join(unknown)} (expected a subset of "
+                f"{','.join(CONFIGS + EXTRA_CONFIGS)})")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.vlm is None:
         args.vlm = args.work / "vlm"
         if not args.vlm.exists():
             _cli("demo-vlm", "--out", str(args.vlm))
     args.data = args.data or args.vlm / "heldout.jsonl"
-    configs = ["target"] + [c for c in CONFIGS[1:] if c in args.configs.split(",")]
+    configs = ["target"] + [c for c in CONFIGS[1:] + EXTRA_CONFIGS if c in asked]
     steps = ["--steps", str(args.train_steps)] if args.train_steps else []
-    for name, mode in (("vision", "embeds"), ("text", "placeholder")):
+    for name, mode in TRAINED_WITH.items():
         attr = f"{name}_drafter"
         if name in configs and getattr(args, attr) is None:
             setattr(args, attr, args.work / f"drafter-{mode}")
             if not getattr(args, attr).exists():
                 _cli("train-drafter", "--target", str(args.vlm), "--data", str(args.vlm / "train.jsonl"),
                      "--out", str(getattr(args, attr)), "--image-inputs", mode, *steps)
-    drafts = {"target": None, "vision": args.vision_drafter,
-              "text": _stock_copy(args.text_drafter, args.work) if "text" in configs else None}
+    drafts = {"target": None, "vision": args.vision_drafter}
+    for name in ("text", "textonly"):
+        drafts[name] = _stock_copy(getattr(args, f"{name}_drafter"), args.work, name) if name in configs else None
     results = {name: _run_config(name, drafts[name], args) for name in configs}
     table = report(results, args.k)
     (args.work / "report.md").write_text(table + "\n")

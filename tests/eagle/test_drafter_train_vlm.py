@@ -10,7 +10,9 @@
   and a ``Qwen2_5_VLForConditionalGeneration``, whose M-RoPE positions are
   checked against the definition written out here;
 - ``--image-inputs embeds`` and ``placeholder`` see the same batches and
-  differ only at the placeholders; both targets train and export.
+  differ only at the placeholders; both targets train and export;
+- ``--image-inputs none`` rows drop the image (no image token, no pixels,
+  the vision tower never runs) but keep the image-conditioned answers.
 """
 
 from __future__ import annotations
@@ -293,9 +295,11 @@ def test_embeds_and_placeholder_see_the_same_batches(random_vlm, tmp_path):
     assert torch.equal(fp["embeds"][differs], stock.expand(int(differs.sum()), -1))
 
 
-@pytest.mark.parametrize("which, mode", [("stock_llava", "placeholder"), ("qwen_vl", "embeds")])
+@pytest.mark.parametrize("which, mode", [("stock_llava", "placeholder"), ("qwen_vl", "embeds"),
+                                         ("qwen_vl", "none")])
 def test_vlm_targets_train_and_export(which, mode, request, tmp_path):
     from eagle.layouts import DRAFTER_ARCH, STOCK_ARCH, read_drafter
+    from eagle.offline_eval import served_inputs, trained_inputs
 
     path = request.getfixturevalue(which)
     sizes = [(90, 40), (56, 56), (60, 60)] if which == "qwen_vl" else [(32, 32), (28, 28), (50, 30)]
@@ -303,8 +307,10 @@ def test_vlm_targets_train_and_export(which, mode, request, tmp_path):
     out = train_drafter(TrainDrafterConfig(target=path, data=data, out=tmp_path / "d", image_inputs=mode,
                                            **{**QUICK, "steps": 3}))
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["architectures"] == [STOCK_ARCH if mode == "placeholder" else DRAFTER_ARCH]
+    assert cfg["architectures"] == [DRAFTER_ARCH if mode == "embeds" else STOCK_ARCH]
     _, flat, state = read_drafter(out)
+    # the offline evaluation feeds it what vLLM's class for it reads at image positions
+    assert (served_inputs(flat), trained_inputs(out)) == ("embeds" if mode == "embeds" else "placeholder", mode)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     if which == "qwen_vl":
         assert flat["rope_parameters"]["mrope_section"] == [4, 6, 6]
@@ -337,3 +343,60 @@ def test_llava15_geometry_puts_text_on_top_of_576_placeholders(tmp_path):
     assert len(row.text_ids()) == 64 and len(row.ids) == 576 + 64
     pixels, n = vlm.pixels(Image.open(data.parent / "img" / "0.png").convert("RGB"))
     assert n == 576 and pixels["pixel_values"].shape == (1, 3, 336, 336)  # resized, center-cropped
+
+
+# --- --image-inputs none: text only, as public drafters are trained ----------------
+
+@pytest.mark.parametrize("which", ["tiny_vlm", "qwen_vl"])
+def test_text_only_rows_drop_the_image(which, request, tmp_path, monkeypatch):
+    """``none`` rows are the human turn's text in the chat template (no
+    image token, no placeholders, no pixels), then the same answers the
+    target wrote given the image; their features are the HF model's
+    text-only forward, and the vision tower never runs for them."""
+    from transformers import AutoTokenizer
+
+    from eagle.vlm_inputs import VLMInputs, build_examples, collate, label_mask, vlm_features
+
+    path = request.getfixturevalue({"tiny_vlm": "random_vlm"}.get(which, which))
+    sizes = [(90, 40), (56, 56)] if which == "qwen_vl" else [(32, 32), (32, 32)]
+    data = _write_jsonl(tmp_path, [_conv("img/0.png"), _conv("img/1.png", human="Tell me.\n<image>")], sizes)
+    target, tok = load_target(path), AutoTokenizer.from_pretrained(path)
+    vlm = VLMInputs(target, path)
+    convs = read_conversations(data)
+    kw = dict(seq_len=40, distill=2, natural_text=False)
+    with_image = sorted(build_examples(vlm, tok, convs, data, **kw), key=lambda r: r.line)
+    rows = sorted(build_examples(vlm, tok, convs, data, **kw, text_only=True), key=lambda r: r.line)
+    assert [r.line for r in rows] == [1, 2]
+    image_ids = {vlm.image_token_id}
+    if which == "qwen_vl":
+        image_ids |= {target.config.vision_start_token_id, target.config.vision_end_token_id}
+    for row, ref, conv in zip(rows, with_image, convs):
+        text = conv.prompt.replace("<image>", "").strip()
+        prompt = tok(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False), add_special_tokens=False)["input_ids"]
+        ref_prompt, _ = vlm.prompt_ids(tok, conv.prompt, ref.n_image, "test")
+        assert row.ids == prompt + ref.ids[len(ref_prompt):]  # same answer, prompt without the image
+        assert not image_ids & set(row.ids) and row.n_image == 0 and row.pixels == {}
+
+    def no_vision(*args, **kwargs):
+        raise AssertionError("the vision tower ran for a text-only batch")
+
+    monkeypatch.setattr(target.model, "get_image_features", no_vision)
+    for row in rows:
+        batch = collate([row], vlm.qwen, "cpu")
+        assert batch.pixels == {} and not batch.image_mask.any() and label_mask(batch, vlm.image_token_id).all()
+        feats, _ = vlm_features(vlm, batch, (0, 1, 2), "none")
+        with torch.no_grad():
+            ref = target(input_ids=batch.ids).logits
+        torch.testing.assert_close(feats["logits"], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(feats["embeds"], target.get_input_embeddings()(batch.ids))
+
+
+@pytest.mark.parametrize("mode", ["placeholder", "none"])
+def test_stock_class_modes_refuse_the_multimodal_norms(mode, random_vlm, tmp_path):
+    data = _write_jsonl(tmp_path, [_conv("img/0.png")])
+    cfg = TrainDrafterConfig(target=random_vlm, data=data, out=tmp_path / "d", image_inputs=mode,
+                             input_embeds_norm=True, **QUICK)
+    with pytest.raises(DrafterError, match=f"--image-inputs {mode} exports for vLLM's stock"):
+        cfg.validate()
+    assert not (tmp_path / "d").exists()
