@@ -98,7 +98,8 @@ def measure(ckpt: Path, batches: list[int], new_tokens: int, repeats: int, env: 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, default=Path("bench-decode-work"), help="checkpoints are cached here")
+    p.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "bench-decode",
+                   help="checkpoints are cached here (git-ignored runs/)")
     p.add_argument("--layers", type=int, default=20)
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--intermediate", type=int, default=4096)

@@ -7,7 +7,7 @@ against it: random dataset, fixed input and output lengths (``--ignore-eos``),
 at each ``--concurrency``. Prints output tokens/s per checkpoint and
 concurrency and the ratio to bf16; the raw JSON results are kept in ``--work``.
 
-    python scripts/bench_serve.py [--work bench-decode-work] [--concurrency 1,4,16]
+    python scripts/bench_serve.py [--work runs/bench-decode] [--concurrency 1,4,16]
         [--input-len 128 --output-len 128 --prompts-per-client 4]
 """
 
@@ -47,7 +47,8 @@ def main() -> int:
     from vllm_plugins.serving import VllmServer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, default=Path("bench-decode-work"), help="checkpoints are cached here")
+    p.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "bench-decode",
+                   help="checkpoints are cached here (git-ignored runs/)")
     p.add_argument("--layers", type=int, default=20)
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--intermediate", type=int, default=4096)
