@@ -86,13 +86,20 @@ def _fit_vlm(path: Path, data: Path, steps: int, batch_size: int = 16) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        pick = torch.randint(0, len(rows), (batch_size,), generator=gen)
-        loss = model(input_ids=ids[pick], pixel_values=pixels[pick], attention_mask=attn[pick],
-                     labels=labels[pick]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    # One thread, as demo-vlm and train-drafter train: with torch's two threads
+    # beside other busy processes, these fixtures' setup took 302 s (47.5 s alone).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            pick = torch.randint(0, len(rows), (batch_size,), generator=gen)
+            loss = model(input_ids=ids[pick], pixel_values=pixels[pick], attention_mask=attn[pick],
+                         labels=labels[pick]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     config = json.loads((path / "config.json").read_text())
     model.eval().save_pretrained(path)
     saved = json.loads((path / "config.json").read_text())
