@@ -96,13 +96,18 @@ def measure(ckpt: Path, batches: list[int], new_tokens: int, repeats: int, env: 
         return {b: decode_rate(url, server.model, b, new_tokens, repeats) for b in batches}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model's shape and checkpoint cache, shared with ``bench_serve.py``."""
     p.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "bench-decode",
                    help="checkpoints are cached here (git-ignored runs/)")
     p.add_argument("--layers", type=int, default=20)
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--intermediate", type=int, default=4096)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(p)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", default="1,16")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.bench_decode import build_model, export  # noqa: E402  (the same model and exports)
+from scripts.bench_decode import add_model_args, build_model, export  # noqa: E402  (the same model and exports)
 
 
 def bench_serve(server, ckpt: Path, concurrency: int, args, out_dir: Path) -> dict:
@@ -47,11 +47,7 @@ def main() -> int:
     from vllm_plugins.serving import VllmServer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / "runs" / "bench-decode",
-                   help="checkpoints are cached here (git-ignored runs/)")
-    p.add_argument("--layers", type=int, default=20)
-    p.add_argument("--hidden", type=int, default=1536)
-    p.add_argument("--intermediate", type=int, default=4096)
+    add_model_args(p)
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
