@@ -37,6 +37,7 @@ from eagle.layouts import DRAFTER_ARCH, LAYOUTS, STOCK_ARCH, write_drafter
 from eagle.mm_data import is_jsonl, read_conversations
 from eagle.torch_drafter import TorchEagle3Drafter
 from eagle.vlm_inputs import IMAGE_INPUTS, VLMInputs, build_examples, collate, label_mask, vlm_features
+from models.training import optimizer_step, warmup_cosine
 from quant.outdir import is_taken, staged_output_dir
 
 
@@ -390,13 +391,7 @@ def _train(cfg: TrainDrafterConfig, device: torch.device) -> Path:
 
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.steps // 8
 
-    def lr_at(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        frac = (step - warmup) / max(1, cfg.steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, cfg.steps, floor=0.05))
     gen = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(range(cfg.steps), desc="train-drafter", disable=not cfg.progress, unit="step")
     for _ in bar:
@@ -404,11 +399,7 @@ def _train(cfg: TrainDrafterConfig, device: torch.device) -> Path:
             feats, positions, mask = draw(aux_ids, gen)
             loss, acc = ttt_loss(drafter, feats, ids, cfg.ttt_steps, cfg.loss_decay,
                                  cfg.target_temperature, positions, mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, params, max_grad_norm=1.0)
         bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{acc:.2f}")
     return export(drafter.cpu(), dcfg, cfg, tokenizer)
 

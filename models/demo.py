@@ -58,6 +58,7 @@ def build_demo_model(out_dir: str | Path, config: DemoConfig = DemoConfig(), pro
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from models.tiny import build_tiny_llama, synthetic_corpus
+    from models.training import optimizer_step
     from quant.outdir import is_taken, staged_output_dir
 
     out = Path(out_dir)
@@ -87,10 +88,7 @@ def build_demo_model(out_dir: str | Path, config: DemoConfig = DemoConfig(), pro
             starts = torch.randint(0, len(stream) - config.seq_len - 1, (config.batch_size,), generator=gen)
             batch = torch.stack([stream[s : s + config.seq_len] for s in starts.tolist()])
             loss = model(input_ids=batch, labels=batch).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimizer_step(loss, opt, sched)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         model.eval()
         model.save_pretrained(tmp, safe_serialization=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +130,7 @@ def train_vlm(model, encoder, cfg: VlmDemoConfig, progress: bool = True) -> None
     from tqdm import tqdm
 
     from models.vlm_tasks import make_sample
+    from models.training import optimizer_step, warmup_cosine
     from models.vlm_train import batch_loss, pretrain_vision
 
     rng = np.random.default_rng(cfg.seed + TRAIN_STREAM)
@@ -150,21 +150,11 @@ def train_vlm(model, encoder, cfg: VlmDemoConfig, progress: bool = True) -> None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
-    def lr_at(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, cfg.steps, floor=0.02))
     bar = tqdm(range(cfg.steps), desc="train demo VLM", disable=not progress, unit="step")
     for step in bar:
         loss, ok = batch_loss(model, encoder.batch(draw()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, params, max_grad_norm=1.0)
         bar.set_postfix(loss=f"{loss.item():.3f}", exact=f"{ok.float().mean().item():.2f}")
     model.model.vision_tower.requires_grad_(True)
     model.eval()
