@@ -8,7 +8,12 @@ from memory as in decode, not from cache. Kinds:
 - ``bf16 vLLM``: vLLM's CPU bf16 GEMM (``onednn_mm`` on a prepacked weight),
   what ``vllm serve`` runs for an unquantized checkpoint on this CPU;
 - ``aten int4``: ``aten._weight_int4pack_mm_for_cpu``;
-- ``tile <isa>``: the plugin's op (``cpu_ext.linear``) on each ``--isa`` path.
+- ``tile <isa>``: the plugin's op (``cpu_ext.linear``) on each ``--isa`` path, exact
+  bfloat16 activations (W4A16);
+- ``tile int8``: the same op with ``act="int8"`` (opt-in ``cpu_activations: "int8"``:
+  activations quantized per 32 inputs, AVX512-VNNI; W4A8 numerics), where the CPU has
+  VNNI (``--int8 no`` leaves it out). Its GEMV error against float64 is printed next to the
+  exact path's.
 
 Kinds take turns within each repeat (so the load of a shared machine falls on
 all of them alike) and the table shows the fastest repeat, in ms per step, and
@@ -80,6 +85,8 @@ def step(weights, xs, kind: str, group_size: int, ops) -> None:
             ops.onednn_mm(w["onednn"], x, None)
         elif kind == "aten int4":
             torch.ops.aten._weight_int4pack_mm_for_cpu(x, *w["aten"])
+        elif kind == "tile int8":
+            cpu_ext.linear(x, *w["tile"], group_size, act="int8")
         else:
             cpu_ext.linear(x, *w["tile"], group_size, isa=kind.split()[-1])
 
@@ -96,6 +103,24 @@ def read_bandwidth(mib: int, repeats: int) -> float:
     return buf.numel() * 4 / best
 
 
+def print_int8_error(weights, group_size: int, isa: str) -> None:
+    """GEMV error of the exact and the int8-activation path on one layer's linears, against the
+    portable path on float32 x (float32 arithmetic on the same bfloat16 activations: exact to ~1e-7)."""
+    from vllm_plugins.quantization import cpu_ext
+
+    gen = torch.Generator().manual_seed(1)
+    errs = {"exact": [], "int8": []}
+    for w in weights:
+        qw, sc = w["tile"]
+        x = torch.randn(1, w["k"], generator=gen).to(torch.bfloat16)
+        ref = cpu_ext.int4_gemm(x.float(), qw, sc, group_size, "portable").double()
+        for name, act, path in (("exact", "bf16", isa), ("int8", "int8", None)):
+            out = cpu_ext.int4_gemm(x, qw, sc, group_size, path, act).double()
+            errs[name].append(((out - ref).norm() / ref.norm()).item())
+    print("GEMV relative error (||out - ref|| / ||ref||, one layer's linears, x ~ N(0, 1), bfloat16 out): "
+          + ", ".join(f"{name} {sum(e) / len(e):.2e}" for name, e in errs.items()))
+
+
 def main() -> int:
     from vllm_plugins.quantization import cpu_ext
 
@@ -109,6 +134,8 @@ def main() -> int:
     p.add_argument("--isa", default=None,
                    help=f"tile kernel paths, comma-separated, of {', '.join(cpu_ext.ISAS)} "
                         f"(default: the one the layers run, ${cpu_ext.ISA_ENV} or the best)")
+    p.add_argument("--int8", choices=("auto", "no"), default="auto",
+                   help="auto: add the int8-activation path where the CPU has AVX512-VNNI")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--stream-mib", type=int, default=1024, help="buffer for the read bandwidth (0: skip)")
     args = p.parse_args()
@@ -126,7 +153,8 @@ def main() -> int:
     n_params = sum(w["bf16"].numel() for w in weights)
     tile_bytes = sum(w["tile"][0].numel() + w["tile"][1].numel() * 4 for w in weights)
     base = "bf16 vLLM" if ops is not None else "bf16"
-    kinds = ["bf16", *([base] if ops is not None else []), "aten int4", *(f"tile {isa}" for isa in isas)]
+    tiles = [f"tile {isa}" for isa in isas] + (["tile int8"] if args.int8 == "auto" and cpu_ext.int8_supported() else [])
+    kinds = ["bf16", *([base] if ops is not None else []), "aten int4", *tiles]
     print(f"\nLinears of one step: {n_params / 1e6:.0f}M weights ({args.layers} layers, hidden {args.hidden}, "
           f"intermediate {args.intermediate}), group {args.group_size}, {args.threads} thread(s); "
           f"fastest of {args.repeats}, ms per step; speed-up = {base} time / kind time")
@@ -150,13 +178,15 @@ def main() -> int:
     if one_row and args.stream_mib:
         bw = read_bandwidth(args.stream_mib, args.repeats)
         print(f"\nStreaming read, {args.threads} thread(s), {args.stream_mib} MiB float32: {bw / 1e9:.1f} GB/s")
-        for isa in isas:
-            got = tile_bytes / one_row[f"tile {isa}"]
-            print(f"tile {isa} at 1 row: {tile_bytes / 1e6:.0f} MB of weights+scales per step, "
+        for kind in tiles:
+            got = tile_bytes / one_row[kind]
+            print(f"{kind} at 1 row: {tile_bytes / 1e6:.0f} MB of weights+scales per step, "
                   f"{got / 1e9:.1f} GB/s = {100 * got / bw:.0f}% of the streaming read")
-            if isa == "avx512bf16":
-                print(f"target avx512bf16 >= 90% of the streaming read at 1 row: {100 * got / bw:.0f}% "
+            if kind in ("tile avx512bf16", "tile int8"):
+                print(f"target {kind} >= 90% of the streaming read at 1 row: {100 * got / bw:.0f}% "
                       f"({'met' if got >= 0.9 * bw else 'NOT met'})")
+    if "tile int8" in tiles:
+        print_int8_error(weights[:4], args.group_size, isas[0])
     if one_row and "avx2" in isas:
         got, aten = one_row[base] / one_row["tile avx2"], one_row[base] / one_row["aten int4"]
         ok = got >= 2.5 and got > aten
