@@ -33,7 +33,7 @@ namespace {
 
 constexpr int kMaxRows = 4;              // activation rows per pass
 constexpr int kMaxTiles = 2;             // tiles per pass (int32 + float32 accumulators: 4 x 2 x 2 of 32 registers)
-constexpr int64_t kPrefetchBlocks = 16;  // blocks ahead in each tile's stream (1 KiB)
+constexpr int64_t kPrefetchBlocks = 64;  // blocks ahead in each tile's stream (4 KiB; 1 KiB read ~10% slower)
 constexpr int64_t kChunkBlocks = kInt8Chunk / kBlockK;
 
 VP_VNNI inline __m512i quad_of(const int8_t* x) {  // 4 int8 activations in every 32-bit lane
