@@ -230,15 +230,17 @@ def layer_activations(requested: str) -> str:
         return "bf16"
     why = (f"{cpu_ext.ISA_ENV} forces the {cpu_ext.selected_isa()} path" if os.environ.get(cpu_ext.ISA_ENV, "").strip()
            else None if cpu_ext.int8_supported() else "this CPU has no AVX512-VNNI")
-    if why is not None:
-        _warn_int8_unavailable(why)
-        return "bf16"
-    return "int8"
+    _log_activations(why)
+    return "bf16" if why is not None else "int8"
 
 
 @functools.cache
-def _warn_int8_unavailable(why: str) -> None:
-    logger.warning("cpu_activations=int8 asked for, but %s: W4A16 keeps exact bfloat16 activations", why)
+def _log_activations(why: str | None) -> None:
+    if why is None:
+        logger.info("cpu_activations=int8: the CPU int4 tile kernel quantizes W4A16 activations to int8 per 32 "
+                    "inputs (AVX512-VNNI; W4A8 numerics)")
+    else:
+        logger.warning("cpu_activations=int8 asked for, but %s: W4A16 keeps exact bfloat16 activations", why)
 
 
 def register_cpu_int4_kernel() -> str:
