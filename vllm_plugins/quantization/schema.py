@@ -25,7 +25,7 @@ DEFAULT_SCHEME = "w4a16"
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_ACT_ORDER = False
 # How the CPU int4 tile kernel takes W4A16 activations: "bf16" exactly (the default), or "int8"
-# (opt-in: quantized per 32 inputs, AVX512-VNNI; W4A8 numerics, faster at batch 1). A serving
+# (opt-in: quantized per 32 inputs, AVX512-VNNI; W4A8 numerics, faster from batch 4). A serving
 # choice, not a property of the weights: set it in the checkpoint or with vLLM's --hf-overrides.
 CPU_ACTIVATIONS = ("bf16", "int8")
 DEFAULT_CPU_ACTIVATIONS = "bf16"
