@@ -27,7 +27,8 @@ the L3), on the same threads: aten's vectorized reductions, plain 512-bit loads
 on an AVX-512 CPU, no prefetch hints, faster here than a hand-written AVX-512 OR
 loop. It takes turns with the kinds inside the 1-row repeats, so both see the
 same machine (its bandwidth varied by 20% between minutes on the shared VM), and
-its fastest pass counts, like the kinds'.
+its fastest pass counts, like the kinds'; the median of the per-repeat shares
+(kind and read back to back) is printed too, and the target line takes the lower.
 
     python scripts/bench_int4_cpu.py [--threads 1] [--isa avx512bf16,avx2] [--rows 1,2,4,8,16,32]
 """
@@ -35,6 +36,7 @@ its fastest pass counts, like the kinds'.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -156,7 +158,8 @@ def main() -> int:
     n_params = sum(w["bf16"].numel() for w in weights)
     tile_bytes = sum(w["tile"][0].numel() + w["tile"][1].numel() * 4 for w in weights)
     base = "bf16 vLLM" if ops is not None else "bf16"
-    tiles = [f"tile {isa}" for isa in isas] + (["tile int8"] if args.int8 == "auto" and cpu_ext.int8_supported() else [])
+    with_int8 = args.int8 == "auto" and cpu_ext.int8_supported()
+    tiles = [f"tile {isa}" for isa in isas] + (["tile int8"] if with_int8 else [])
     kinds = ["bf16", *([base] if ops is not None else []), "aten int4", *tiles]
     print(f"\nLinears of one step: {n_params / 1e6:.0f}M weights ({args.layers} layers, hidden {args.hidden}, "
           f"intermediate {args.intermediate}), group {args.group_size}, {args.threads} thread(s); "
@@ -165,7 +168,7 @@ def main() -> int:
     print("|---" * (2 * len(kinds)) + "|")
     one_row = {}
     buf = torch.ones(args.stream_mib * 2**20 // 4, dtype=torch.float32) if args.stream_mib else None
-    stream_best = float("inf")
+    passes = {"stream": []}  # 1 row: seconds of each repeat, kinds and the streaming read
     for rows in (int(r) for r in args.rows.split(",")):
         xs = {k: torch.randn(rows, k).to(torch.bfloat16) for k in (args.hidden, args.intermediate)}
         best = {kind: float("inf") for kind in kinds}
@@ -175,23 +178,33 @@ def main() -> int:
             for kind in kinds:
                 t0 = time.perf_counter()
                 step(weights, xs, kind, args.group_size, ops)
-                best[kind] = min(best[kind], time.perf_counter() - t0)
+                took = time.perf_counter() - t0
+                best[kind] = min(best[kind], took)
+                if rows == 1:
+                    passes.setdefault(kind, []).append(took)
             if rows == 1 and buf is not None:
-                stream_best = min(stream_best, stream_read(buf))
+                passes["stream"].append(stream_read(buf))
         if rows == 1:
             one_row = best
         print(f"| {rows} | " + " | ".join(f"{best[k] * 1e3:.1f}" for k in kinds) + " | "
               + " | ".join(f"{best[base] / best[k]:.2f}x" for k in kinds if k != base) + " |")
     if one_row and buf is not None:
-        bw = buf.numel() * 4 / stream_best
+        stream_bytes = buf.numel() * 4
+        bw = stream_bytes / min(passes["stream"])
         print(f"\nStreaming read, {args.threads} thread(s), {args.stream_mib} MiB float32: {bw / 1e9:.1f} GB/s")
         for kind in tiles:
             got = tile_bytes / one_row[kind]
+            # The same share per repeat (kind and read back to back), median: less moved by the
+            # machine's bandwidth swings than the ratio of two fastest passes.
+            paired = statistics.median(tile_bytes / t / (stream_bytes / st)
+                                       for t, st in zip(passes[kind], passes["stream"]))
             print(f"{kind} at 1 row: {tile_bytes / 1e6:.0f} MB of weights+scales per step, "
-                  f"{got / 1e9:.1f} GB/s = {100 * got / bw:.0f}% of the streaming read")
+                  f"{got / 1e9:.1f} GB/s = {100 * got / bw:.0f}% of the streaming read "
+                  f"(fastest passes); median of the per-repeat shares {100 * paired:.0f}%")
             if kind in ("tile avx512bf16", "tile int8"):
-                print(f"target {kind} >= 90% of the streaming read at 1 row: {100 * got / bw:.0f}% "
-                      f"({'met' if got >= 0.9 * bw else 'NOT met'})")
+                share = min(got / bw, paired)
+                print(f"target {kind} >= 90% of the streaming read at 1 row (lower of the two): {100 * share:.0f}% "
+                      f"({'met' if share >= 0.9 else 'NOT met'})")
     if "tile int8" in tiles:
         print_int8_error(weights[:4], args.group_size, isas[0])
     if one_row and "avx2" in isas:
