@@ -17,6 +17,12 @@ terms). The dequantize-then-GEMM path (from ``DEQUANT_MIN_ROWS`` rows) also
 rounds each weight to bfloat16: 1.2e-2 there. Adding a bfloat16 bias rounds
 once more: + 2^-8 (``TOL_BIAS``). float32 activations (avx2, portable) keep
 float32 throughout: 1e-5.
+
+int8 activations (``act="int8"``, opt-in, AVX512-VNNI): the reference quantizes x the
+way the path documents it (per row and 32 inputs, d = max|x| / 127 in float32,
+round half to even) and multiplies in float64; integer sums are exact there, so
+the tolerance is the exact path's. A test with activations that int8 rounds to
+zero checks that the path really quantizes (the exact result is far from it).
 """
 
 from __future__ import annotations
@@ -93,6 +99,7 @@ def _cpu_flags() -> set[str]:
 
 
 ISA_FLAGS = {"avx512bf16": {"avx512f", "avx512bw", "avx512_bf16"}, "avx2": {"avx2", "fma"}, "portable": set()}
+INT8_FLAGS = {"avx512f", "avx512bw", "avx512_vnni"}
 
 
 def _need(isa):
@@ -112,6 +119,10 @@ def test_paths_follow_cpu_flags(loaded):
     for isa in set(ext.ISAS) - set(expected):
         with pytest.raises(RuntimeError, match=f"cannot run the {isa} path"):
             ext.int4_gemm(torch.zeros(1, 128, dtype=torch.bfloat16), qw, sc, 128, isa)
+    assert ext.int8_supported() == (INT8_FLAGS <= flags)
+    if not ext.int8_supported():
+        with pytest.raises(RuntimeError, match="cannot run int8 activations"):
+            ext.int4_gemm(torch.zeros(1, 128, dtype=torch.bfloat16), qw, sc, 128, act="int8")
 
 
 def test_isa_env_var_forces_and_validates(loaded, monkeypatch):
@@ -222,3 +233,77 @@ def test_bad_arguments_are_clear_errors(loaded):
         ext.int4_gemm(x, qw, sc, 48)
     with pytest.raises(RuntimeError, match="unknown ISA 'sse'"):
         ext.int4_gemm(x, qw, sc, 64, "sse")
+
+
+def _need_int8():
+    if not INT8_FLAGS <= _cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(INT8_FLAGS - _cpu_flags())}")
+
+
+def _int8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """float64 ``xq * d @ w.T`` with x quantized as the int8 path documents (per row and 32 inputs)."""
+    m, k = x.shape
+    xf = x.float().reshape(m, k // 32, 32)
+    d = xf.abs().amax(-1, keepdim=True) / 127  # float32, as in the kernel
+    q = torch.where(d > 0, torch.round(xf / torch.where(d > 0, d, 1)), 0)  # torch.round: half to even
+    assert q.abs().max() <= 127
+    return (q.double() * d.double()).reshape(m, k) @ w.t()
+
+
+@pytest.mark.parametrize("n, k, gs", SHAPES)
+def test_int8_activations_vs_float64(loaded, n, k, gs):
+    """act="int8": every row count of a register block (1..33 on two shapes), every group size."""
+    _need_int8()
+    u, s, w = _weights(n, k, gs)
+    qw, sc = ext.pack_tiles(u, s, gs)
+    for m in ROWS_ALL if (n, k, gs) in SHAPES[:2] else ROWS_SOME:
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        x[0, :32] = 0  # a chunk of zeros: d = 0
+        out = ext.int4_gemm(x, qw, sc, gs, act="int8")
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+        err = _rel_err(out, _int8_reference(x, w))
+        assert err <= TOL_GEMV, (m, err)
+
+
+def test_int8_activations_really_quantize(loaded):
+    """Per 32 inputs one activation of 15.875 (d = 1/8) and 31 below d/2: int8 rounds those to 0.
+    Where the big one meets a zero weight (u = 8), the int8 result is exactly 0; the exact one is not."""
+    _need_int8()
+    n, k, gs = 32, 256, 64
+    u, s, w = _weights(n, k, gs)
+    u[:, ::32] = 8
+    w[:, ::32] = 0
+    qw, sc = ext.pack_tiles(u, s, gs)
+    x = (torch.rand(3, k, generator=torch.Generator().manual_seed(3)) * 0.12 - 0.06).to(torch.bfloat16)
+    x[:, ::32] = 15.875
+    out = ext.int4_gemm(x, qw, sc, gs, act="int8")
+    exact = ext.int4_gemm(x, qw, sc, gs, act="bf16")
+    assert _rel_err(exact, x.double() @ w.t()) <= TOL_GEMV
+    assert out.abs().max().item() == 0.0 and exact.abs().max().item() > 0.05
+
+
+def test_int8_activations_threads_and_linear(loaded):
+    """Threads split tiles exactly; ``linear`` passes act on below the crossover and keeps the exact
+    bfloat16 GEMM from it; bad act values and float32 x are clear errors."""
+    _need_int8()
+    n, k, gs = 16 * 13, 256, 64
+    u, s, w = _weights(n, k, gs)
+    qw, sc = ext.pack_tiles(u, s, gs)
+    before = torch.get_num_threads()
+    try:
+        for m in (1, 5):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+            torch.set_num_threads(1)
+            one = ext.int4_gemm(x, qw, sc, gs, act="int8")
+            torch.set_num_threads(2)
+            assert torch.equal(ext.int4_gemm(x, qw, sc, gs, act="int8"), one)
+    finally:
+        torch.set_num_threads(before)
+    cross = ext.dequant_min_rows(ext.selected_isa())
+    x = torch.randn(cross, k, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    assert torch.equal(ext.linear(x[:3], qw, sc, gs, act="int8"), ext.int4_gemm(x[:3], qw, sc, gs, act="int8"))
+    assert torch.equal(ext.linear(x, qw, sc, gs, act="int8"), ext.linear(x, qw, sc, gs))
+    with pytest.raises(RuntimeError, match="unknown activations 'int4'"):
+        ext.int4_gemm(x[:1], qw, sc, gs, act="int4")
+    with pytest.raises(RuntimeError, match="int8 activations take bfloat16 x"):
+        ext.int4_gemm(x[:1].float(), qw, sc, gs, act="int8")

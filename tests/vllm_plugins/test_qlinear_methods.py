@@ -177,6 +177,24 @@ def test_tile_kernel_avx2_path_forced(vllm_tp1, monkeypatch, kind, in_f, outs, g
     _check(y, ref, "w4a16", torch.bfloat16)
 
 
+def test_tile_kernel_int8_activations_only_when_asked(vllm_tp1):
+    """cpu_activations: "int8" runs the int8-activation path (its outputs differ from the exact
+    path's, still within the bf16 tolerance); without the key the layer stays exact."""
+    from vllm_plugins.quantization import cpu_ext
+
+    if not cpu_ext.int8_supported():
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    qcfg = {"scheme": "w4a16", "group_size": 64, "act_order": True}
+    ys = {}
+    for act in (None, "bf16", "int8"):
+        y, ref, method = _run("merged", 128, [256, 256], qcfg | ({"cpu_activations": act} if act else {}),
+                              torch.bfloat16)
+        assert method.kernel_name == "TileInt4CPULinearKernel"
+        _check(y, ref, "w4a16", torch.bfloat16)
+        ys[act] = y
+    assert torch.equal(ys[None], ys["bf16"]) and not torch.equal(ys["int8"], ys["bf16"])
+
+
 @pytest.mark.parametrize("kind, in_f, outs, gs, act_order", [W4_CASES[1], W4_CASES[3], W4_CASES[5]])
 def test_aten_int4_kernel_bf16_when_tile_disabled(vllm_tp1, monkeypatch, kind, in_f, outs, gs, act_order):
     """VLLM_DISABLED_KERNELS=TileInt4CPULinearKernel: aten's int4 kernel, bf16 included."""

@@ -196,6 +196,10 @@ def test_config_defaults_overrides_and_round_trip():
     assert cfg.layer("b.up_proj") == LayerScheme("w4a16", 64, False)
     assert NativeQuantConfig.from_dict(cfg.to_dict()) == cfg
     assert NativeQuantConfig.from_dict({}).default_layer == LayerScheme("w4a16", 128, False)
+    assert NativeQuantConfig.from_dict({}).cpu_activations == "bf16"  # int8 activations only when asked for
+    assert "cpu_activations" not in cfg.to_dict()
+    int8 = NativeQuantConfig.from_dict({"cpu_activations": "int8"})
+    assert int8.to_dict()["cpu_activations"] == "int8" and NativeQuantConfig.from_dict(int8.to_dict()) == int8
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -210,6 +214,7 @@ def test_config_defaults_overrides_and_round_trip():
     ({"ignore": ["x.q_proj"], "overrides": {"x.q_proj": {"scheme": "w8a8"}}}, "both ignored and overridden"),
     ({"ignore": "lm_head"}, "ignore must be a list"),
     ({"act_order": "yes"}, "act_order must be"),
+    ({"cpu_activations": "fp8"}, "cpu_activations must be one of"),
 ])
 def test_config_rejects_bad_input(bad, message):
     with pytest.raises(QuantConfigError, match=message):

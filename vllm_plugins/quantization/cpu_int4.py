@@ -8,7 +8,9 @@ repacked once at load time:
 - :class:`TileInt4CPULinearKernel`: the plugin's compiled int4 GEMM
   (:mod:`.cpu_ext`), bfloat16 activations on CPUs with AVX512-BF16 or AVX2 + FMA
   (the path from the CPU flags, or ``VLLM_PLUGINS_INT4_ISA``), register-blocked
-  over up to 4 activation rows (``scripts/bench_int4_cpu.py``).
+  over up to 4 activation rows (``scripts/bench_int4_cpu.py``). Activations
+  stay exact unless the plugin's quantization_config asks for
+  ``cpu_activations: "int8"`` (:func:`layer_activations`).
 - :class:`TorchInt4CPULinearKernel`: PyTorch's own CPU int4 GEMM
   (``aten._weight_int4pack_mm_for_cpu``), any activation dtype, any x86/ARM CPU.
 
@@ -20,6 +22,9 @@ compressed-tensors W4A16 layers also run where ``CPUWNA16`` cannot.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -205,14 +210,37 @@ class TileInt4CPULinearKernel(TorchInt4CPULinearKernel):
 
     def _pack(self, layer: torch.nn.Module, u: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layer.int4_isa = cpu_ext.selected_isa()  # chosen once per layer, outside torch.compile's graph
+        layer.int4_act = layer_activations(getattr(layer, "w4_cpu_activations", "bf16"))
         return cpu_ext.pack_tiles(u, scales, self.config.group_size)
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         w, sc, _ = self._get_weight_params(layer)
-        return cpu_ext.linear(x, w, sc, self.config.group_size, bias, layer.int4_isa)
+        return cpu_ext.linear(x, w, sc, self.config.group_size, bias, layer.int4_isa, layer.int4_act)
 
 
 CPU_INT4_KERNELS = (TileInt4CPULinearKernel, TorchInt4CPULinearKernel)  # best first
+
+
+def layer_activations(requested: str) -> str:
+    """The activations the tile kernel takes for a layer whose config asks for ``requested``.
+
+    ``"int8"`` (opt-in, ``cpu_activations`` in the plugin's quantization_config) where the
+    AVX512-VNNI path runs and ``$VLLM_PLUGINS_INT4_ISA`` forces no path; else ``"bf16"``, exact."""
+    if requested != "int8":
+        return "bf16"
+    why = (f"{cpu_ext.ISA_ENV} forces the {cpu_ext.selected_isa()} path" if os.environ.get(cpu_ext.ISA_ENV, "").strip()
+           else None if cpu_ext.int8_supported() else "this CPU has no AVX512-VNNI")
+    _log_activations(why)
+    return "bf16" if why is not None else "int8"
+
+
+@functools.cache
+def _log_activations(why: str | None) -> None:
+    if why is None:
+        logger.info("cpu_activations=int8: the CPU int4 tile kernel quantizes W4A16 activations to int8 per 32 "
+                    "inputs (AVX512-VNNI; W4A8 numerics)")
+    else:
+        logger.warning("cpu_activations=int8 asked for, but %s: W4A16 keeps exact bfloat16 activations", why)
 
 
 def register_cpu_int4_kernel() -> str:

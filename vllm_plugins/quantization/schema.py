@@ -24,8 +24,14 @@ _BY_NATIVE_NAME = {s.formats["native"]: s for s in SCHEME_TABLE.values() if "nat
 DEFAULT_SCHEME = "w4a16"
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_ACT_ORDER = False
+# How the CPU int4 tile kernel takes W4A16 activations: "bf16" exactly (the default), or "int8"
+# (opt-in: quantized per 32 inputs, AVX512-VNNI; W4A8 numerics, faster from batch 4). A serving
+# choice, not a property of the weights: set it in the checkpoint or with vLLM's --hf-overrides.
+CPU_ACTIVATIONS = ("bf16", "int8")
+DEFAULT_CPU_ACTIVATIONS = "bf16"
 
-_TOP_KEYS = {"quant_method", "format_version", "scheme", "group_size", "act_order", "ignore", "overrides"}
+_TOP_KEYS = {"quant_method", "format_version", "scheme", "group_size", "act_order", "ignore", "overrides",
+             "cpu_activations"}
 _OVERRIDE_KEYS = {"scheme", "group_size", "act_order"}
 _GROUPED_ONLY = ("group_size", "act_order")  # settings of grouped schemes
 _GROUPED = tuple(n for n, s in _BY_NATIVE_NAME.items() if s.grouped)
@@ -71,9 +77,12 @@ class NativeQuantConfig:
     act_order: bool = DEFAULT_ACT_ORDER
     ignore: tuple[str, ...] = ()
     overrides: Mapping[str, LayerScheme] = field(default_factory=dict)
+    cpu_activations: str = DEFAULT_CPU_ACTIVATIONS
 
     def __post_init__(self) -> None:
         self.default_layer  # validates scheme / group_size / act_order
+        if self.cpu_activations not in CPU_ACTIVATIONS:
+            raise QuantConfigError(f"cpu_activations must be one of {CPU_ACTIVATIONS}, got {self.cpu_activations!r}")
         bad = sorted(set(self.ignore) & set(self.overrides))
         if bad:
             raise QuantConfigError(f"modules both ignored and overridden: {bad}")
@@ -96,6 +105,7 @@ class NativeQuantConfig:
             scheme=self.scheme, group_size=self.group_size, act_order=self.act_order,
             ignore=tuple(rename(n) for n in self.ignore),
             overrides={rename(n): s for n, s in self.overrides.items()},
+            cpu_activations=self.cpu_activations,
         )
 
     @classmethod
@@ -152,13 +162,16 @@ class NativeQuantConfig:
         ignore = cfg.get("ignore", []) or []
         if isinstance(ignore, str) or not isinstance(ignore, Iterable) or not all(isinstance(n, str) for n in ignore):
             raise QuantConfigError(f"ignore must be a list of module names, got {ignore!r}")
-        return cls(ignore=tuple(ignore), overrides=overrides, **base)
+        return cls(ignore=tuple(ignore), overrides=overrides,
+                   cpu_activations=cfg.get("cpu_activations", DEFAULT_CPU_ACTIVATIONS), **base)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "scheme": self.scheme}
         if self.scheme in _GROUPED or any(s.scheme in _GROUPED for s in self.overrides.values()):
             out.update(group_size=self.group_size, act_order=self.act_order)
         out["ignore"] = list(self.ignore)
+        if self.cpu_activations != DEFAULT_CPU_ACTIVATIONS:
+            out["cpu_activations"] = self.cpu_activations
         if self.overrides:
             out["overrides"] = {
                 n: ({"scheme": s.scheme, "group_size": s.group_size, "act_order": s.act_order}

@@ -82,6 +82,7 @@ class W4A16LinearMethod(KernelLinearMethod):
         layer.input_size_per_partition, layer.output_size_per_partition = in_p, out_p
         layer.logical_widths = output_partition_sizes
         layer.w4_group_size, layer.w4_act_order = gs, act_order
+        layer.w4_cpu_activations = self.quant_config.native.cpu_activations  # read by the CPU tile kernel
 
         if row_parallel and in_p % 8:
             raise ValueError(f"{self.prefix}: input partition {in_p} is not a multiple of 8 int4 values")

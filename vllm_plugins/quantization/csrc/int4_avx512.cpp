@@ -29,7 +29,7 @@ namespace {
 constexpr int kMaxRows = 4;             // activation rows per pass (MB)
 constexpr int kMaxTiles = 4;            // tiles per pass (NV); MB x NV accumulators
 constexpr int kOneRowTiles = 1;         // one row: one weight stream, 4 accumulators (bandwidth-bound; 1 beat 2 and 4)
-constexpr int64_t kPrefetchBlocks = 16;  // blocks ahead in each tile's stream (1 KiB)
+constexpr int64_t kPrefetchBlocks = 64;  // blocks ahead in each tile's stream (4 KiB; 1 KiB read ~10% slower)
 
 VP_AVX512 inline __m512bh pair_of(const uint16_t* x) {  // x[0], x[1] in every 32-bit lane
   int32_t v;

@@ -54,6 +54,16 @@ bool avx2_supported();
 void avx2_prepare(const float* x, const Problem& p, float* xp, float* xoff);
 void avx2_tiles(const float* xp, const float* xoff, const Problem& p, int64_t t0, int64_t t1, const Out& out);
 
+// --- AVX512-VNNI with int8 activations (int4_vnni.cpp; opt-in: it rounds x).
+// xq: int8 x [m, k], per 32 inputs round-half-even(x / d), d = max|x| / 127,
+// each block of 8 inputs in the order 0,4,1,5,2,6,3,7; xd: d [m, k/32];
+// xs: 8 * sum of xq over each 32 inputs [m, k/32].
+constexpr int64_t kInt8Chunk = 32;  // inputs per activation scale
+bool avx512vnni_supported();
+void vnni_prepare(const uint16_t* x, const Problem& p, int8_t* xq, float* xd, int32_t* xs);
+void vnni_tiles(const int8_t* xq, const float* xd, const int32_t* xs, const Problem& p, int64_t t0, int64_t t1,
+                const Out& out);
+
 // Nibble of u[16t + n, 8c + j] in the 32-bit word of (tile, block, n).
 inline int nibble(uint32_t word, int64_t j) { return (word >> (4 * (j / 2) + 16 * (j % 2))) & 0xF; }
 

@@ -7,6 +7,9 @@
 //   portable    plain C++, the reference for the tests
 // `isa` "auto" takes the best the CPU reports; a named one must be supported
 // by the CPU (checked here, so a test cannot run AVX-512 code without it).
+// `act` "bf16" (the default) keeps the activations exact on those paths;
+// "int8" (opt-in, W4A8 numerics) quantizes them per 32 inputs and runs the
+// AVX512-VNNI path (int4_vnni.cpp) whatever `isa` says; bfloat16 x only.
 // float32 activations never take the avx512bf16 path: they run avx2 there.
 // The output has the dtype of x. Threads split the output tiles
 // (at::parallel_for).
@@ -83,8 +86,14 @@ void check_weights(const char* op, const at::Tensor& qw, const at::Tensor& sc, i
               op, ": scales must be float32 [N/16, K/group, 16]");
 }
 
+bool int8_requested(const std::string& act) {
+  TORCH_CHECK(act == "bf16" || act == "int8", "int4: unknown activations '", act, "' (bf16 or int8)");
+  TORCH_CHECK(act == "bf16" || avx512vnni_supported(), "int4: this CPU cannot run int8 activations (no AVX512-VNNI)");
+  return act == "int8";
+}
+
 at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sc, int64_t group_size,
-                     c10::string_view isa_arg) {
+                     c10::string_view isa_arg, c10::string_view act) {
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
               "int4_gemm: x must be 2-D bfloat16 or float32");
   const int64_t m = x.size(0), k = x.size(1);
@@ -93,6 +102,8 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
   int64_t gs = 0, groups = 0;
   check_weights("int4_gemm", qw, sc, k, group_size, &gs, &groups);
   Isa isa = parse_isa(std::string(isa_arg));
+  const bool int8 = int8_requested(std::string(act));
+  TORCH_CHECK(!int8 || x.scalar_type() == at::kBFloat16, "int4_gemm: int8 activations take bfloat16 x");
   if (isa == Isa::kAvx512Bf16 && x.scalar_type() == at::kFloat) isa = supported(Isa::kAvx2) ? Isa::kAvx2 : Isa::kPortable;
 
   const at::Tensor qc = qw.contiguous(), scc = sc.contiguous();
@@ -104,6 +115,19 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
   const Problem p{m, k, n, gs, groups, qc.data_ptr<uint8_t>(), scc.data_ptr<float>()};
   const int64_t grain = 4;  // tiles: 64 outputs, the AVX-512 path's widest block
 
+  if (int8) {
+    const at::Tensor xc = x.contiguous();
+    const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    const int64_t chunks = m * (k / kInt8Chunk);
+    std::vector<int8_t> xq(m * k);
+    std::vector<float> xd(chunks);
+    std::vector<int32_t> xs(chunks);
+    vnni_prepare(xp, p, xq.data(), xd.data(), xs.data());
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+      vnni_tiles(xq.data(), xd.data(), xs.data(), p, t0, t1, o);
+    });
+    return out;
+  }
   if (isa == Isa::kAvx512Bf16) {
     const at::Tensor xc = x.contiguous();
     const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
@@ -154,9 +178,9 @@ at::Tensor int4_dequant(const at::Tensor& qw, const at::Tensor& sc, int64_t grou
 // GEMM on the dequantized weight from there on. One op, so that the choice on
 // the batch size stays outside torch.compile's graph.
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sc, int64_t group_size,
-                       int64_t dequant_min_rows, c10::string_view isa) {
+                       int64_t dequant_min_rows, c10::string_view isa, c10::string_view act) {
   if (x.size(0) >= dequant_min_rows) return at::linear(x, int4_dequant(qw, sc, group_size).to(x.scalar_type()));
-  return int4_gemm(x, qw, sc, group_size, isa);
+  return int4_gemm(x, qw, sc, group_size, isa, act);
 }
 
 bool isa_supported(c10::string_view name) {
@@ -166,14 +190,18 @@ bool isa_supported(c10::string_view name) {
   return s == "portable" || s == "auto";
 }
 
+bool int8_supported() { return avx512vnni_supported(); }
+
 }  // namespace
 }  // namespace vllm_plugins_int4
 
 TORCH_LIBRARY(vllm_plugins_cpu, m) {
-  m.def("int4_gemm(Tensor x, Tensor qw, Tensor scales, int group_size, str isa='auto') -> Tensor");
+  m.def("int4_gemm(Tensor x, Tensor qw, Tensor scales, int group_size, str isa='auto', str act='bf16') -> Tensor");
   m.def("int4_dequant(Tensor qw, Tensor scales, int group_size) -> Tensor");
-  m.def("int4_linear(Tensor x, Tensor qw, Tensor scales, int group_size, int dequant_min_rows, str isa='auto') -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor qw, Tensor scales, int group_size, int dequant_min_rows, str isa='auto', "
+        "str act='bf16') -> Tensor");
   m.def("int4_isa_supported(str isa) -> bool", &vllm_plugins_int4::isa_supported);
+  m.def("int4_int8_supported() -> bool", &vllm_plugins_int4::int8_supported);
 }
 
 TORCH_LIBRARY_IMPL(vllm_plugins_cpu, CPU, m) {
