@@ -12,8 +12,11 @@ entry set to ``None``, so it takes the code path it takes when they are not
 installed. Packages already imported are left alone, and the entries are
 removed again on exit, so a later ``import sklearn`` in the same process works.
 
-``torch._dynamo`` still comes in: transformers' ``masking_utils`` imports it
-unconditionally (torch >= 2.6), and the calibration runs transformers' own layers.
+``torch._dynamo`` is kept out differently, without hiding anything: transformers'
+``masking_utils`` imports it unconditionally (torch >= 2.6) and every ``modeling_*``
+module imports ``masking_utils``, so the Llama family calibrates with the plain-torch
+layers of :mod:`quant.llama_layers` and the process imports only transformers' configs
+and tokenizers. Other architectures run transformers' layers and import ``torch._dynamo``.
 """
 
 from __future__ import annotations
