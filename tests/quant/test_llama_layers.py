@@ -11,6 +11,7 @@ layers do not cover fall back to transformers' layers.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -57,14 +58,23 @@ def _random_model(variant: bool, fields: dict):
     return model
 
 
+def _config_json(model) -> dict:
+    """What ``save_pretrained`` writes to config.json."""
+    return json.loads(model.config.to_json_string(use_diff=True))
+
+
 @pytest.fixture(scope="module")
 def references(shared_dir):
-    """name -> a float32 transformers model (kept on the CPU for the module)."""
+    """name -> (a float32 transformers model, its config.json as a dict)."""
     from transformers import AutoModelForCausalLM
 
-    refs = {"tinystories": AutoModelForCausalLM.from_pretrained(
-        str(shared_dir / "models" / "TinyStories-656K"), dtype=torch.float32, attn_implementation="sdpa")}
-    refs.update((name, _random_model(*spec)) for name, spec in RANDOM.items())
+    tinystories = shared_dir / "models" / "TinyStories-656K"
+    refs = {"tinystories": (AutoModelForCausalLM.from_pretrained(str(tinystories), dtype=torch.float32,
+                                                                 attn_implementation="sdpa"),
+                            json.loads((tinystories / "config.json").read_text()))}
+    for name, spec in RANDOM.items():
+        model = _random_model(*spec)
+        refs[name] = (model, _config_json(model))
     return refs
 
 
@@ -84,9 +94,13 @@ def _layer_outputs(model, layers, ids) -> tuple[list[torch.Tensor], torch.Tensor
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["tinystories", *RANDOM])
 def test_layers_and_logits_bit_identical_to_transformers(references, name, dtype):
-    hf = copy.deepcopy(references[name]).to(dtype)
-    assert llama_layers.unsupported_reason(hf.config) is None
-    ours = llama_layers.LlamaForCausalLM(hf.config, dtype).eval()
+    reference, raw = references[name]
+    hf = copy.deepcopy(reference).to(dtype)
+    # As transformers builds a model in a dtype (from_config(dtype=...)): the rotary frequencies stay float32.
+    hf.model.rotary_emb.inv_freq = reference.model.rotary_emb.inv_freq.clone()
+    config = llama_layers.LlamaLayersConfig.from_dict(raw)
+    assert config.rope_parameters == hf.config.rope_parameters and config.head_dim == hf.config.head_dim
+    ours = llama_layers.LlamaForCausalLM(config, dtype).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)  # the same names, every parameter
     assert torch.equal(ours.model.rotary_emb.inv_freq, hf.model.rotary_emb.inv_freq)
     ids = torch.randint(0, hf.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(1))
@@ -99,16 +113,27 @@ def test_layers_and_logits_bit_identical_to_transformers(references, name, dtype
     assert torch.equal(got_logits, want_logits)
 
 
-def test_unsupported_configs_keep_transformers_layers(references):
-    config = references["llama3-gqa"].config
-    yarn = type(config)(**{**config.to_dict(), "rope_parameters": {
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}})
-    assert "yarn" in llama_layers.unsupported_reason(yarn)
-    gelu = type(config)(**{**config.to_dict(), "hidden_act": "relu"})
-    assert "relu" in llama_layers.unsupported_reason(gelu)
-    qwen = type(config)(**config.to_dict())
-    qwen.architectures = ["Qwen2ForCausalLM"]
-    assert "Qwen2ForCausalLM" in llama_layers.unsupported_reason(qwen)
+@pytest.mark.parametrize("change, why", [
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
+    ({"hidden_act": "relu"}, "relu"),
+    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}, "Qwen2ForCausalLM"),
+    ({"num_key_value_heads": 4}, "multiple"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial"),
+])
+def test_configs_the_layers_do_not_build_exactly_are_refused(references, change, why):
+    with pytest.raises(llama_layers.Unsupported, match=why):
+        llama_layers.LlamaLayersConfig.from_dict({**references["llama3-gqa"][1], **change})
+
+
+def test_legacy_rope_scaling_is_read_as_transformers_reads_it(references):
+    from transformers import LlamaConfig
+
+    raw = {k: v for k, v in references["llama3-gqa"][1].items() if k != "rope_parameters"}
+    raw.update(rope_theta=5e5, rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0})
+    want = LlamaConfig.from_dict(raw).rope_parameters
+    assert llama_layers.LlamaLayersConfig.from_dict(raw).rope_parameters == want
 
 
 def _save(model, out, dtype):
@@ -124,7 +149,7 @@ def checkpoints(references, shared_dir, tmp_path_factory):
     """name -> checkpoint directory: TinyStories-656K (float32) and random ones saved in bfloat16."""
     out = {"tinystories": shared_dir / "models" / "TinyStories-656K"}
     for name in ("llama3-gqa", "variant-llama3-geglu-bias"):
-        out[name] = _save(_random_model(*RANDOM[name]), tmp_path_factory.mktemp(name), torch.bfloat16)
+        out[name] = _save(copy.deepcopy(references[name][0]), tmp_path_factory.mktemp(name), torch.bfloat16)
     yarn = dict(RANDOM["llama3-gqa"][1], rope_parameters={
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64})
     out["yarn"] = _save(_random_model(False, yarn), tmp_path_factory.mktemp("yarn"), torch.float32)
@@ -153,9 +178,25 @@ EXPORTS = {  # name -> (checkpoint, config): TinyStories as the issue asks, then
 def test_exports_identical_to_the_transformers_path(checkpoints, name, tmp_path, assert_same_export):
     model, cfg = EXPORTS[name]
     cfg = cfg.replace(num_samples=16, seqlen=128, format="compressed-tensors")
-    vocab = ShardReader(checkpoints[model]).shape("model.embed_tokens.weight")[0]
+    vocab = json.loads((checkpoints[model] / "config.json").read_text())["vocab_size"]
     samples = torch.randint(0, vocab, (16, 128), generator=torch.Generator().manual_seed(2))
     for layers in ("own", "transformers"):
         quantize_checkpoint(checkpoints[model], tmp_path / layers, cfg, samples=samples, progress=False,
                             transformers_layers=layers == "transformers")
     assert_same_export(tmp_path / "own", tmp_path / "transformers")
+
+
+@pytest.mark.parametrize("name", ["tinystories", "llama3-gqa", "variant-llama3-geglu-bias"])
+def test_tokenizer_loaded_without_auto_tokenizer_is_auto_tokenizers(checkpoints, shared_dir, name):
+    """quant.calib loads a Llama-family tokenizer by the class tokenizer_config.json names (AutoTokenizer's
+    module imports transformers' model code): the same class and the same token ids as AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    from quant.calib import _direct_tokenizer_class, load_tokenizer
+
+    assert _direct_tokenizer_class(checkpoints[name]) is not None
+    ours, auto = load_tokenizer(checkpoints[name]), AutoTokenizer.from_pretrained(str(checkpoints[name]))
+    assert type(ours) is type(auto)
+    text = (shared_dir / "data" / "tinystories_val.txt").read_text()[:20000]
+    assert ours(text, add_special_tokens=False)["input_ids"] == auto(text, add_special_tokens=False)["input_ids"]
+    assert ours.eos_token_id == auto.eos_token_id
