@@ -31,8 +31,9 @@ runpy.run_module("quant", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize("model", [{}, {"model_type": "llama_variant", "qk_norm": True, "partial_rotary_factor": 0.5}],
-                         ids=["llama", "llama_variant"])
+@pytest.mark.parametrize("model", [{}, {"torch_dtype": "bfloat16"},
+                                   {"model_type": "llama_variant", "qk_norm": True, "partial_rotary_factor": 0.5}],
+                         ids=["llama", "llama-bf16", "llama_variant"])
 def test_python_m_quant_imports_no_unused_packages(tiny_llama, tmp_path, model):
     from models.tiny import synthetic_corpus
 
