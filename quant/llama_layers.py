@@ -9,7 +9,7 @@ configs import no modeling code):
 
 - ``LlamaForCausalLM``;
 - ``LlamaVariantForCausalLM``, this project's variant (:mod:`models.llama_variant_config`):
-  any even ``head_dim``, per-head q/k RMSNorm, partial rotary dims, GeGLU, biases.
+  any even ``head_dim``, per-head q/k LlamaRMSNorm, partial rotary dims, GeGLU, biases.
 
 :meth:`LlamaLayersConfig.from_dict` parses ``config.json`` itself (transformers' config
 classes import ``torch._dynamo`` as well) and raises :class:`Unsupported` for whatever the
@@ -210,7 +210,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-class RMSNorm(nn.Module):
+class LlamaRMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
@@ -224,7 +224,7 @@ class RMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
-class RotaryEmbedding(nn.Module):
+class LlamaRotaryEmbedding(nn.Module):
     """cos/sin tables of the positions, in the activations' dtype (the frequencies stay float32)."""
 
     def __init__(self, config: LlamaLayersConfig):
@@ -258,7 +258,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
-class Attention(nn.Module):
+class LlamaAttention(nn.Module):
     """Causal grouped-query attention by SDPA, with the variant's q/k norm and partial RoPE."""
 
     def __init__(self, config: LlamaLayersConfig, dtype: torch.dtype | None = None):
@@ -277,8 +277,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_out, config.hidden_size, bias=bias, dtype=dtype)
         self.qk_norm = config.qk_norm
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.q_norm = LlamaRMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = LlamaRMSNorm(self.head_dim, config.rms_norm_eps, dtype)
 
     def _rope(self, q, k, cos, sin):
         if not self.partial:
@@ -315,7 +315,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None, :, :].expand(batch, kv_heads, n_rep, seq, dim).reshape(batch, kv_heads * n_rep, seq, dim)
 
 
-class MLP(nn.Module):
+class LlamaMLP(nn.Module):
     """Gated MLP: ``down(act(gate(x)) * up(x))`` (SwiGLU, or GeGLU for the variant)."""
 
     def __init__(self, config: LlamaLayersConfig, dtype: torch.dtype | None = None):
@@ -330,13 +330,13 @@ class MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
+class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaLayersConfig, dtype: torch.dtype | None = None):
         super().__init__()
-        self.self_attn = Attention(config, dtype)
-        self.mlp = MLP(config, dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(config, dtype)
+        self.mlp = LlamaMLP(config, dtype)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 use_cache: bool = False) -> torch.Tensor:
@@ -357,9 +357,9 @@ class LlamaModel(nn.Module):
         # Given storage, not initialised: a random normal_ on the meta device imports torch._dynamo.
         table = torch.empty((config.vocab_size, config.hidden_size), dtype=dtype)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id, _weight=table)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.rotary_emb = RotaryEmbedding(config)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype) for _ in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 use_cache: bool = False) -> torch.Tensor:
@@ -391,7 +391,7 @@ class LlamaForCausalLM(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Derived buffers of ``module`` (the rotary frequencies), as transformers' models name this step."""
-        if isinstance(module, RotaryEmbedding):
+        if isinstance(module, LlamaRotaryEmbedding):
             module.reset_parameters()
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
