@@ -1,15 +1,16 @@
 """Plain-torch decoder of the Llama family for calibration, without transformers' modeling code.
 
 transformers' ``masking_utils`` imports ``torch._dynamo`` unconditionally (torch >= 2.6)
-and every ``modeling_*`` module imports ``masking_utils``: building a model with
-transformers costs the quantize process 142 MiB of resident memory and seconds of
-import time for a compiler it never runs. The architectures here are rebuilt from
-plain torch instead, from the parsed ``config.json`` (a transformers config object;
-configs import no modeling code):
+and every ``modeling_*`` module imports ``masking_utils``; its config classes import
+``torch._dynamo`` too (``configuration_llama`` -> ``utils.type_validators`` -> ``activations``
+-> ... ``torch.compiler.disable``), and so does ``AutoTokenizer``'s module. Building the
+model with transformers costs the quantize process about 190 MiB of resident memory and
+seconds of import time for a compiler it never runs. These architectures are rebuilt from
+plain torch instead, from ``config.json`` read as JSON:
 
 - ``LlamaForCausalLM``;
 - ``LlamaVariantForCausalLM``, this project's variant (:mod:`models.llama_variant_config`):
-  any even ``head_dim``, per-head q/k LlamaRMSNorm, partial rotary dims, GeGLU, biases.
+  any even ``head_dim``, per-head q/k RMSNorm, partial rotary dims, GeGLU, biases.
 
 :meth:`LlamaLayersConfig.from_dict` parses ``config.json`` itself (transformers' config
 classes import ``torch._dynamo`` as well) and raises :class:`Unsupported` for whatever the
@@ -24,17 +25,18 @@ modules. The operations run in transformers' order with its SDPA call (``is_caus
 and ``enable_gqa`` without a mask), so layer outputs are bit for bit those of
 transformers' layers (``tests/quant/test_llama_layers.py`` compares them in float32 and bfloat16).
 The calibration feeds whole windows without padding: there is no attention mask and no KV cache.
+Nothing here runs a random initialisation or arithmetic on the ``meta`` device: both go through
+torch's Python references, which import ``torch._dynamo``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from dataclasses import dataclass, field
 
 # ``architectures`` entry -> (model_type, takes the variant's options: q/k norm, partial rotary dims)
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", False), "LlamaVariantForCausalLM": ("llama_variant", True)}
@@ -51,12 +53,8 @@ class Unsupported(ValueError):
 
 @dataclass(frozen=True)
 class LlamaLayersConfig:
-    """What the layers need from ``config.json``, with transformers' ``LlamaConfig`` defaults.
-
-    Parsed here instead of by transformers: its config classes import ``torch._dynamo`` too
-    (``configuration_llama`` -> ``type_validators`` -> ``activations`` -> ... ``torch.compiler.disable``,
-    and ``auto_docstring`` imports ``modeling_auto``).
-    """
+    """What the layers need from ``config.json``, with transformers' ``LlamaConfig`` defaults
+    (parsed here: transformers' config classes import ``torch._dynamo``)."""
 
     architectures: tuple[str, ...]
     model_type: str
