@@ -58,10 +58,13 @@ _DIRECT_TOKENIZERS = {"LlamaTokenizer": "LlamaTokenizer", "LlamaTokenizerFast": 
 
 def _direct_tokenizer_class(model_dir: Path):
     try:
-        model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+        config = json.loads((Path(model_dir) / "config.json").read_text())
         tokenizer_config = json.loads((Path(model_dir) / "tokenizer_config.json").read_text())
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return None
+    if not isinstance(config, dict) or not isinstance(tokenizer_config, dict):
+        return None
+    model_type = config.get("model_type")
     name = _DIRECT_TOKENIZERS.get(tokenizer_config.get("tokenizer_class"))
     if model_type not in _DIRECT_MODEL_TYPES or name is None or "auto_map" in tokenizer_config:
         return None

@@ -14,9 +14,11 @@ removed again on exit, so a later ``import sklearn`` in the same process works.
 
 ``torch._dynamo`` is kept out differently, without hiding anything: transformers'
 ``masking_utils`` imports it unconditionally (torch >= 2.6) and every ``modeling_*``
-module imports ``masking_utils``, so the Llama family calibrates with the plain-torch
-layers of :mod:`quant.llama_layers` and the process imports only transformers' configs
-and tokenizers. Other architectures run transformers' layers and import ``torch._dynamo``.
+module imports ``masking_utils`` (so do its config classes and ``AutoTokenizer``'s module), so
+the Llama family calibrates with the plain-torch layers of :mod:`quant.llama_layers`, built
+from ``config.json`` read as JSON, and its tokenizer class is imported directly
+(:func:`quant.calib.load_tokenizer`). Other architectures run transformers' layers and
+import ``torch._dynamo``.
 """
 
 from __future__ import annotations
