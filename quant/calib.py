@@ -48,10 +48,38 @@ def read_documents(path: str | Path) -> list[str]:
     return docs
 
 
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
+# Llama-family checkpoints whose tokenizer_config.json names one of these classes load it directly, as
+# AutoTokenizer would (tests/quant/test_llama_layers.py compares them): importing AutoTokenizer's module
+# imports transformers' model code, and torch._dynamo with it (quant.llama_layers).
+_DIRECT_MODEL_TYPES = ("llama", "llama_variant")
+_DIRECT_TOKENIZERS = {"LlamaTokenizer": "LlamaTokenizer", "LlamaTokenizerFast": "LlamaTokenizer",
+                      "TokenizersBackend": "TokenizersBackend", "PreTrainedTokenizerFast": "TokenizersBackend"}
 
+
+def _direct_tokenizer_class(model_dir: Path):
     try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        tokenizer_config = json.loads((Path(model_dir) / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or not isinstance(tokenizer_config, dict):
+        return None
+    model_type = config.get("model_type")
+    name = _DIRECT_TOKENIZERS.get(tokenizer_config.get("tokenizer_class"))
+    if model_type not in _DIRECT_MODEL_TYPES or name is None or "auto_map" in tokenizer_config:
+        return None
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def load_tokenizer(model_dir: Path):
+    try:
+        direct = _direct_tokenizer_class(model_dir)
+        if direct is not None:
+            return direct.from_pretrained(str(model_dir))
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
         raise QuantInputError(f"--model {model_dir}: cannot load its tokenizer ({exc})") from None

@@ -12,8 +12,13 @@ entry set to ``None``, so it takes the code path it takes when they are not
 installed. Packages already imported are left alone, and the entries are
 removed again on exit, so a later ``import sklearn`` in the same process works.
 
-``torch._dynamo`` still comes in: transformers' ``masking_utils`` imports it
-unconditionally (torch >= 2.6), and the calibration runs transformers' own layers.
+``torch._dynamo`` is kept out differently, without hiding anything: transformers'
+``masking_utils`` imports it unconditionally (torch >= 2.6) and every ``modeling_*``
+module imports ``masking_utils`` (so do its config classes and ``AutoTokenizer``'s module), so
+the Llama family calibrates with the plain-torch layers of :mod:`quant.llama_layers`, built
+from ``config.json`` read as JSON, and its tokenizer class is imported directly
+(:func:`quant.calib.load_tokenizer`). Other architectures run transformers' layers and
+import ``torch._dynamo``.
 """
 
 from __future__ import annotations

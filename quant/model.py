@@ -1,9 +1,13 @@
 """Generic decoder-layer discovery and layer-at-a-time materialisation.
 
-The Hugging Face model is built on the ``meta`` device from its config (no
-memory), so any ``*ForCausalLM`` whose decoder layers sit in one
-``nn.ModuleList`` of ``num_hidden_layers`` entries works without per-model
-code (Llama, the LLaMA variant, Qwen2, Qwen3, Mistral...). Only the modules
+The model is built on the ``meta`` device from its config (no memory). The
+Llama family (``LlamaForCausalLM`` and the LLaMA variant, with the RoPE types
+of :mod:`quant.llama_layers`) is built by that module in plain torch from
+``config.json``, so the quantize process imports neither transformers' model
+code nor its config classes, which import ``torch._dynamo``. Any other
+``*ForCausalLM`` is built by transformers (and imports ``torch._dynamo``): one
+whose decoder layers sit in one ``nn.ModuleList`` of ``num_hidden_layers``
+entries works without per-model code (Qwen2, Qwen3, Mistral...). Only the modules
 needed at a time get real CPU storage: the embeddings and rotary tables while
 the inputs of layer 0 are captured, then one decoder layer in the calibration
 dtype (:func:`calibration_dtype`: bfloat16 for a bfloat16 checkpoint, else
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quant import llama_layers
 from quant.checkpoint import ShardReader
 from quant.errors import QuantInputError
 
@@ -119,25 +124,35 @@ def load_hf_config(model_dir: Path):
 
 
 class DecoderSkeleton:
-    """A meta-device model plus the names and modules of its decoder layers."""
+    """A meta-device model plus the names and modules of its decoder layers.
 
-    def __init__(self, model_dir: Path, reader: ShardReader, dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM
+    ``transformers_layers`` builds the model with transformers even where :mod:`quant.llama_layers`
+    could (the tests compare both); by default the plain-torch layers are used where they apply.
+    """
 
+    def __init__(self, model_dir: Path, reader: ShardReader, dtype: torch.dtype = torch.float32,
+                 transformers_layers: bool = False):
         self.dir = Path(model_dir)
         self.reader = reader
         self.dtype = dtype
         where = self.dir / "config.json"
         check_not_quantized(where)
-        config = load_hf_config(self.dir)
-        archs = getattr(config, "architectures", None) or []
+        config = None if transformers_layers else _llama_layers_config(where)
+        if config is None:
+            config = load_hf_config(self.dir)
+            config._attn_implementation = "sdpa"
+        archs = list(getattr(config, "architectures", None) or [])
         if not any(a.endswith("ForCausalLM") for a in archs):
             raise QuantInputError(f"{where}: unsupported architecture {archs}; expected a *ForCausalLM decoder")
-        config._attn_implementation = "sdpa"
         self.config = config
         try:
             with torch.device("meta"):
-                self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+                if isinstance(config, llama_layers.LlamaLayersConfig):
+                    self.model = llama_layers.LlamaForCausalLM(config, dtype)
+                else:
+                    from transformers import AutoModelForCausalLM
+
+                    self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         except (ValueError, KeyError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise QuantInputError(f"{where}: unsupported architecture {archs} ({first})") from None
@@ -175,6 +190,10 @@ class DecoderSkeleton:
             stored = key if key in self.reader.entries else self.aliases.get(key)
             if stored in self.reader.entries:
                 self.reader.check_tensor(stored, tuple(t.shape), t.is_floating_point())
+
+    @property
+    def uses_transformers_layers(self) -> bool:
+        return not isinstance(self.model, llama_layers.LlamaForCausalLM)
 
     @property
     def num_layers(self) -> int:
@@ -305,6 +324,14 @@ class DecoderSkeleton:
 
     def source_dtype(self, name: str) -> torch.dtype:
         return self.reader.dtype(name)
+
+
+def _llama_layers_config(path: Path) -> llama_layers.LlamaLayersConfig | None:
+    """The config :mod:`quant.llama_layers` builds the model from, or None: transformers' layers are needed."""
+    try:
+        return llama_layers.LlamaLayersConfig.from_dict(json.loads(path.read_text()))
+    except llama_layers.Unsupported:
+        return None
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_tokens: int = 4096) -> torch.Tensor:

@@ -372,12 +372,15 @@ def plan_schemes(skeleton: DecoderSkeleton, config: QuantConfig) -> dict[str, La
 
 def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | Path, config: QuantConfig,
                         calib: str | Path | None = None, *, force: bool = False, progress: bool = True,
-                        samples: torch.Tensor | None = None, placement: Placement | None = None) -> QuantReport:
+                        samples: torch.Tensor | None = None, placement: Placement | None = None,
+                        transformers_layers: bool = False) -> QuantReport:
     """Quantize ``model_dir`` once and write one export per format.
 
     ``outputs`` maps format -> directory, or is one directory for ``config.format``.
     ``samples`` (int64 ``[n, seqlen]``) replaces tokenizing ``calib``.
     ``placement`` replaces the one ``config.device`` gives (tests force the device branches on the CPU).
+    ``transformers_layers`` calibrates with transformers' layers where :mod:`quant.llama_layers` would
+    (tests compare the exports of both).
     """
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -390,7 +393,7 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
     reader = ShardReader(model_dir)
     for out in outputs.values():
         check_output_dir(out, model_dir, force)
-    skeleton = DecoderSkeleton(model_dir, reader, calibration_dtype(config.calib_dtype, reader))
+    skeleton = DecoderSkeleton(model_dir, reader, calibration_dtype(config.calib_dtype, reader), transformers_layers)
     schemes = plan_schemes(skeleton, config)
     if samples is None:
         if calib is None:

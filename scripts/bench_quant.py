@@ -71,7 +71,9 @@ model, out, scheme, group, samples, options = sys.argv[1:7]
 options = json.loads(options)  # QuantConfig fields
 with unused_modules_hidden():
     from quant.pipeline import quantize_checkpoint
-    import transformers.models.auto.modeling_auto  # what the pipeline imports when it runs
+    from quant.checkpoint import ShardReader
+    from quant.model import DecoderSkeleton
+    DecoderSkeleton(model, ShardReader(model))  # imports the model code the run uses (a meta model: no memory)
 base = hwm()
 samples = torch.load(samples)
 cfg = QuantConfig(scheme=scheme, group_size=int(group), format="compressed-tensors",

@@ -5,6 +5,8 @@ exit, which modules were imported. transformers' generation code would import
 scikit-learn (and through it scipy.stats and pandas) when lm-eval is installed;
 ``quant.imports`` keeps them out. vLLM is never needed, and the compressed-tensors
 export is written without the compressed_tensors library (whose import compiles with torch.compile).
+A Llama (stock or the variant) calibrates with ``quant.llama_layers``, so transformers' modeling
+code and the ``torch._dynamo`` its ``masking_utils`` imports stay out too.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
-UNUSED = ("sklearn", "pandas", "lm_eval", "vllm", "vllm_plugins", "compressed_tensors")
+UNUSED = ("sklearn", "pandas", "lm_eval", "vllm", "vllm_plugins", "compressed_tensors", "torch._dynamo",
+          "transformers.masking_utils", "transformers.modeling_utils")
 
 PROBE = """
 import atexit, json, runpy, sys
@@ -26,7 +31,10 @@ runpy.run_module("quant", run_name="__main__", alter_sys=True)
 """
 
 
-def test_python_m_quant_imports_no_unused_packages(tiny_llama, tmp_path):
+@pytest.mark.parametrize("model", [{}, {"torch_dtype": "bfloat16"},
+                                   {"model_type": "llama_variant", "qk_norm": True, "partial_rotary_factor": 0.5}],
+                         ids=["llama", "llama-bf16", "llama_variant"])
+def test_python_m_quant_imports_no_unused_packages(tiny_llama, tmp_path, model):
     from models.tiny import synthetic_corpus
 
     calib = tmp_path / "calib.txt"
@@ -34,7 +42,7 @@ def test_python_m_quant_imports_no_unused_packages(tiny_llama, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, "--model", str(tiny_llama()), "--out", str(out), "--calib", str(calib),
+        [sys.executable, "-c", PROBE, "--model", str(tiny_llama(**model)), "--out", str(out), "--calib", str(calib),
          "--num-samples", "4", "--seqlen", "32", "--format", "compressed-tensors", "--no-progress"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -42,5 +50,6 @@ def test_python_m_quant_imports_no_unused_packages(tiny_llama, tmp_path):
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("MODULES "))
     imported = set(json.loads(line[len("MODULES "):]))
     assert "transformers" in imported and "quant.pipeline" in imported  # the probe saw the real run
-    leaked = sorted(m for m in imported if m.split(".")[0] in UNUSED)
+    assert "quant.llama_layers" in imported
+    leaked = sorted(m for m in imported if any(m == u or m.startswith(u + ".") for u in UNUSED))
     assert not leaked, f"the quantize process imported {leaked[:10]}"
