@@ -354,7 +354,7 @@ def prepare_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order
 
 
 # Threads of the GPTQ column loop on the CPU: at most this many, each with at least MIN_CHUNK_ROWS rows.
-MAX_GPTQ_WORKERS = 4
+MAX_GPTQ_WORKERS = 2  # measured on 2 cores only; Python's GIL serialises the many small ops of the loop
 MIN_CHUNK_ROWS = 256
 CHUNK_ALIGN = 64  # chunk boundaries at multiples of this many rows (whole cache lines of every row of Wᵀ)
 

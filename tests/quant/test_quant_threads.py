@@ -1,19 +1,23 @@
-"""GPTQ's column loop over row chunks in threads (``quant.gptq._ColumnLoop``, ``gptq_workers``).
+"""Threads in quantization: GPTQ's column loop over row chunks (``quant.gptq._ColumnLoop``) and the errors.
 
 Rows of W are independent given H, so running the loop on contiguous chunks
 of rows, one thread each, must give the integers and scales of one thread bit
 for bit: checked on the loop itself (grouped int4 with the clipping search,
 act-order with static groups, per-channel int8; several linears stacked;
 uneven chunks) and on whole exports of a tiny Llama, where the pipeline must
-actually take the threaded path.
+actually take the threaded path. The pipeline also computes each linear's
+relative output error on a second thread while later groups are factorized
+and quantized (``pipeline._Background``): the same errors, on that thread.
 """
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from quant import gptq
+from quant import gptq, pipeline
 from quant.clip import clip_ratios
 from quant.config import LayerScheme, QuantConfig
 from quant.gptq import _row_chunks, _run_threads, accumulate_hessian, gptq_quantize_shared, prepare_hessian
@@ -82,21 +86,36 @@ def test_a_worker_threads_exception_reaches_the_caller():
         _run_threads([(lambda: None, ()), (fail, ())])
 
 
+@pytest.fixture
+def torch_threads():
+    """``torch_threads(n)`` sets torch's intra-op threads for the test, restored after it."""
+    n = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("cfg", [
     QuantConfig(scheme="w4a16", group_size=32, num_samples=8, seqlen=32),  # the defaults: true-sequential, clip
     QuantConfig(scheme="w8a8", true_sequential=False, num_samples=8, seqlen=32),
 ], ids=["w4a16-default", "w8a8-1pass"])
-def test_threaded_export_is_the_one_thread_export(cfg, tiny_llama, tmp_path, monkeypatch, small_chunks,
+def test_threaded_export_is_the_one_thread_export(cfg, tiny_llama, tmp_path, monkeypatch, small_chunks, torch_threads,
                                                   assert_same_export):
+    """One thread against two intra-op threads with 4 GPTQ workers: the errors are computed on a second
+    thread while GPTQ runs (``pipeline._Background``) and the column loops run on the 3 others."""
     model = tiny_llama(hidden_size=128, intermediate_size=256, num_hidden_layers=2, initializer_range=0.05)
     samples = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(0))
-    threaded = []
-    real_run_threads = gptq._run_threads
+    threaded, error_threads = [], []
+    real_run_threads, real_record_error = gptq._run_threads, pipeline._record_error
     monkeypatch.setattr(gptq, "_run_threads", lambda calls: (threaded.append(len(calls)), real_run_threads(calls)))
+    monkeypatch.setattr(pipeline, "_record_error",
+                        lambda *a: (error_threads.append(threading.get_ident()), real_record_error(*a)))
     runs = {}
-    for workers in (1, 3):
-        monkeypatch.setattr(gptq, "gptq_workers", lambda device, n=workers: n)
+    for workers, threads in ((1, 1), (4, 2)):
+        torch_threads(threads)
+        monkeypatch.setattr(pipeline, "gptq_workers", lambda device, n=workers: n)
         runs[workers] = quantize_checkpoint(model, tmp_path / f"w{workers}", cfg, samples=samples, progress=False)
-    assert threaded and max(threaded) == 3  # the pipeline's column loops ran on 3 threads
-    assert_same_export(tmp_path / "w3", tmp_path / "w1")
-    assert [s.errors for s in runs[3].layers] == [s.errors for s in runs[1].layers]
+    assert threaded and max(threaded) == 3  # column loops on 3 threads
+    assert len(error_threads) == 2 * 2 * 7 and set(error_threads[:7]) == {threading.get_ident()}
+    assert set(error_threads[7:]) - {threading.get_ident()}  # the second run's errors (some) on another thread
+    assert_same_export(tmp_path / "w4", tmp_path / "w1")
+    assert [s.errors for s in runs[4].layers] == [s.errors for s in runs[1].layers]
