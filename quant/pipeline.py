@@ -43,7 +43,8 @@ from quant.device import Placement, peak_device_memory_mb, resolve_device
 from quant.errors import QuantInputError
 from quant.export import linear_tensors, quantization_config, write_format_files
 from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize_shared, gptq_workers,
-                        layer_output_error, prepare_hessian, rtn_quantize, single_threaded, smoothquant_scales)
+                        layer_output_error, mirror_lower, prepare_hessian, rtn_quantize, single_threaded,
+                        smoothquant_scales)
 from quant.model import DecoderSkeleton, calibration_dtype, run_layer
 from quant.replay import ReplayCache, find_replays
 
@@ -278,11 +279,12 @@ def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absma
     replays the finished modules of the earlier groups and keeps this group's input where a replay needs it.
     """
     states = [{"h": None, "n": 0, "absmax": None} for _ in firsts]
+    lower_only = placement.device.type == "cpu"  # ssyrk: one triangle per batch, mirrored once after the pass
 
     def make_hook(state: dict, absmax: bool, last: bool):
         def hook(_mod, args):
             x = args[0].detach()
-            state["h"], state["n"] = accumulate_hessian(state["h"], state["n"], x)
+            state["h"], state["n"] = accumulate_hessian(state["h"], state["n"], x, mirror=not lower_only)
             if absmax:
                 m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
                 state["absmax"] = m if state["absmax"] is None else torch.maximum(state["absmax"], m)
@@ -306,6 +308,9 @@ def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absma
     finally:
         for h in handles:
             h.remove()
+    if lower_only:
+        for st in states:
+            mirror_lower(st["h"])
     return [(st["h"], st["absmax"]) for st in states]
 
 
