@@ -152,9 +152,13 @@ class _Background:
             self.jobs.popleft()()
 
 
-def _record_error(errors: dict[str, float], name: str, weight: torch.Tensor, result: QuantResult,
-                  hessian: torch.Tensor) -> None:
-    errors[name] = layer_output_error(weight, result, hessian)
+def _record_errors(errors: dict[str, float], linears: list[tuple[str, torch.Tensor, QuantResult]],
+                   hessian: "torch.Tensor | _SpilledTensor") -> None:
+    """``errors[name]`` = the relative output error of each ``(name, weight, result)`` of one input group."""
+    if isinstance(hessian, _SpilledTensor):
+        hessian = hessian.load()
+    for name, weight, result in linears:
+        errors[name] = layer_output_error(weight, result, hessian)
 
 
 def peak_rss_mb() -> float:
@@ -364,9 +368,9 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                                                lapack=placement.lapack)
                 except HessianError as exc:
                     raise HessianError(f"{', '.join(todo)}: {exc}") from None
-                # Only the errors below need H again: out of memory while the inverse and GPTQ run.
-                spilled = _SpilledTensor(h) if placement.spill_hessian else h
-                del h
+                # Only the errors need H again: out of memory while the inverse and GPTQ run.
+                if placement.spill_hessian:
+                    h = _SpilledTensor(h)
                 by_scheme: dict[LayerScheme, list[str]] = {}
                 for name in todo:
                     by_scheme.setdefault(schemes[name], []).append(name)
@@ -377,17 +381,16 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                                                 workers=gptq_threads)
                     results.update(zip(names, outs))
                 del prepared, outs
-            h = spilled.load() if placement.spill_hessian else spilled
-            del spilled
         else:
             results.update((name, rtn_quantize(linears[name].weight, schemes[name])) for name in todo)
+        # Queued (H stays parked until the job runs): the weights are overwritten below, the job keeps copies.
+        todo_results = [(name, linears[name].weight.detach().clone() if background.enabled
+                         else linears[name].weight.detach(), results[name]) for name in todo]
+        background.add(functools.partial(_record_errors, errors, todo_results, h))
+        del todo_results
         for name in todo:
-            lin, res = linears[name], results[name]
-            # Queued: the weight is overwritten below, so the job keeps its own copy.
-            weight = lin.weight.detach().clone() if background.enabled else lin.weight.detach()
-            background.add(functools.partial(_record_error, errors, name, weight, res, h))
             with torch.no_grad():
-                res.dequantize_into(lin.weight)
+                results[name].dequantize_into(linears[name].weight)
         del h
         _release_freed_memory()
     return results, errors, cache

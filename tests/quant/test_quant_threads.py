@@ -105,17 +105,17 @@ def test_threaded_export_is_the_one_thread_export(cfg, tiny_llama, tmp_path, mon
     model = tiny_llama(hidden_size=128, intermediate_size=256, num_hidden_layers=2, initializer_range=0.05)
     samples = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(0))
     threaded, error_threads = [], []
-    real_run_threads, real_record_error = gptq._run_threads, pipeline._record_error
+    real_run_threads, real_record_errors = gptq._run_threads, pipeline._record_errors
     monkeypatch.setattr(gptq, "_run_threads", lambda calls: (threaded.append(len(calls)), real_run_threads(calls)))
-    monkeypatch.setattr(pipeline, "_record_error",
-                        lambda *a: (error_threads.append(threading.get_ident()), real_record_error(*a)))
+    monkeypatch.setattr(pipeline, "_record_errors",
+                        lambda *a: (error_threads.append(threading.get_ident()), real_record_errors(*a)))
     runs = {}
     for workers, threads in ((1, 1), (4, 2)):
         torch_threads(threads)
         monkeypatch.setattr(pipeline, "gptq_workers", lambda device, n=workers: n)
         runs[workers] = quantize_checkpoint(model, tmp_path / f"w{workers}", cfg, samples=samples, progress=False)
     assert threaded and max(threaded) == 3  # column loops on 3 threads
-    assert len(error_threads) == 2 * 2 * 7 and set(error_threads[:7]) == {threading.get_ident()}
-    assert set(error_threads[7:]) - {threading.get_ident()}  # the second run's errors (some) on another thread
+    assert len(error_threads) == 2 * 2 * 4 and set(error_threads[:8]) == {threading.get_ident()}  # per group
+    assert set(error_threads[8:]) - {threading.get_ident()}  # the second run's errors (some) on another thread
     assert_same_export(tmp_path / "w4", tmp_path / "w1")
     assert [s.errors for s in runs[4].layers] == [s.errors for s in runs[1].layers]
