@@ -370,12 +370,13 @@ MIN_CHUNK_ROWS = 256
 CHUNK_ALIGN = 64  # chunk boundaries at multiples of this many rows (whole cache lines of every row of Wᵀ)
 
 
-def gptq_workers(device: torch.device | str = "cpu") -> int:
-    """Threads for the column loop: torch's intra-op threads (``OMP_NUM_THREADS``, else the cores) up to
-    :data:`MAX_GPTQ_WORKERS` on the CPU; 1 on an accelerator (its kernels are already parallel)."""
+def gptq_workers(device: torch.device | str = "cpu", reserve: int = 0) -> int:
+    """Threads for the column loop: torch's intra-op threads (``OMP_NUM_THREADS``, else the cores) less
+    ``reserve`` (kept for other work), at least 1 and at most :data:`MAX_GPTQ_WORKERS` on the CPU; 1 on
+    an accelerator (its kernels are already parallel)."""
     if torch.device(device).type != "cpu":
         return 1
-    return max(1, min(torch.get_num_threads(), MAX_GPTQ_WORKERS))
+    return max(1, min(torch.get_num_threads() - reserve, MAX_GPTQ_WORKERS))
 
 
 def _row_chunks(rows: int, workers: int) -> list[slice]:

@@ -330,7 +330,7 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
     the errors are filled in later, while later groups (or layers) are factorized and quantized."""
     background = background or _Background(False)
     # The cores a GPTQ window leaves idle: one runs the queued errors, the others split the column loop.
-    gptq_threads = max(1, gptq_workers(placement.device) - background.enabled)
+    gptq_threads = gptq_workers(placement.device, reserve=int(background.enabled))
     modules = dict(layer.named_modules())
     results: dict[str, QuantResult] = {}
     errors: dict[str, float] = {}

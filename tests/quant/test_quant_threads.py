@@ -49,6 +49,10 @@ def test_gptq_workers_follow_torch_threads_on_the_cpu_only():
         assert gptq.gptq_workers("cpu") == 1
         torch.set_num_threads(2)
         assert gptq.gptq_workers("cpu") == 2
+        assert gptq.gptq_workers("cpu", reserve=1) == 1
+        torch.set_num_threads(4)
+        assert gptq.gptq_workers("cpu") == gptq.MAX_GPTQ_WORKERS
+        assert gptq.gptq_workers("cpu", reserve=1) == min(3, gptq.MAX_GPTQ_WORKERS)
         assert gptq.gptq_workers("cuda") == 1
     finally:
         torch.set_num_threads(n)
@@ -100,8 +104,8 @@ def torch_threads():
 ], ids=["w4a16-default", "w8a8-1pass"])
 def test_threaded_export_is_the_one_thread_export(cfg, tiny_llama, tmp_path, monkeypatch, small_chunks, torch_threads,
                                                   assert_same_export):
-    """One thread against two intra-op threads with 4 GPTQ workers: the errors are computed on a second
-    thread while GPTQ runs (``pipeline._Background``) and the column loops run on the 3 others."""
+    """One thread against four: the errors are computed on a second thread while GPTQ runs
+    (``pipeline._Background``) and the column loops run on the 3 others."""
     model = tiny_llama(hidden_size=128, intermediate_size=256, num_hidden_layers=2, initializer_range=0.05)
     samples = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(0))
     threaded, error_threads = [], []
@@ -110,9 +114,9 @@ def test_threaded_export_is_the_one_thread_export(cfg, tiny_llama, tmp_path, mon
     monkeypatch.setattr(pipeline, "_record_errors",
                         lambda *a: (error_threads.append(threading.get_ident()), real_record_errors(*a)))
     runs = {}
-    for workers, threads in ((1, 1), (4, 2)):
-        torch_threads(threads)
-        monkeypatch.setattr(pipeline, "gptq_workers", lambda device, n=workers: n)
+    for workers in (1, 4):
+        torch_threads(workers)  # 4 intra-op threads: one for the errors, 3 GPTQ workers
+        monkeypatch.setattr(gptq, "MAX_GPTQ_WORKERS", workers)
         runs[workers] = quantize_checkpoint(model, tmp_path / f"w{workers}", cfg, samples=samples, progress=False)
     assert threaded and max(threaded) == 3  # column loops on 3 threads
     assert len(error_threads) == 2 * 2 * 4 and set(error_threads[:8]) == {threading.get_ident()}  # per group
