@@ -46,8 +46,9 @@ def main() -> int:
 
     from quant.imports import unused_modules_hidden
 
-    with unused_modules_hidden():
+    with unused_modules_hidden():  # the imports of `python -m quant` (bench_quant.py's OURS_CHILD), untimed
         import torch
+        import transformers.models.auto.modeling_auto  # noqa: F401 - what the pipeline imports when it runs
 
         from quant import clip, gptq, pipeline
         from quant.config import QuantConfig
