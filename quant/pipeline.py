@@ -148,8 +148,10 @@ class _Background:
                 raise failed[0]
 
     def drain(self) -> None:
-        while self.jobs:
-            self.jobs.popleft()()
+        """Run what is left here, on one intra-op thread as in a window: the same results wherever a job ran."""
+        with single_threaded():
+            while self.jobs:
+                self.jobs.popleft()()
 
 
 def _record_errors(errors: dict[str, float], linears: list[tuple[str, torch.Tensor, QuantResult]],
