@@ -132,7 +132,8 @@ HESSIAN_BLOCK = 512  # columns per block of the triangular Hessian update
 
 
 def accumulate_hessian(hessian: torch.Tensor | None, nsamples: int, x: torch.Tensor,
-                       block: int = HESSIAN_BLOCK, syrk: bool | None = None) -> tuple[torch.Tensor, int]:
+                       block: int = HESSIAN_BLOCK, syrk: bool | None = None,
+                       mirror: bool = True) -> tuple[torch.Tensor, int]:
     """Running ``H = 2/n Σ xxᵀ`` over the rows of ``x`` ``[..., in]``; returns ``(H, n)``.
 
     H is symmetric, so only one triangle is computed and mirrored into the other, one
@@ -140,7 +141,9 @@ def accumulate_hessian(hessian: torch.Tensor | None, nsamples: int, x: torch.Ten
     (scipy) updates the lower triangle in place, half the flops of ``xᵀx`` and, measured on
     this package's 2-core machine at one thread, 1.4x (2048 inputs) to 2.1x (768 inputs)
     faster than the GEMM per block row below it; else (a CUDA tensor) one GEMM per block row
-    of the upper triangle.
+    of the upper triangle. ``ssyrk`` reads and writes only the lower triangle, so a caller that
+    accumulates many batches may pass ``mirror=False`` and call :func:`mirror_lower` once at the end
+    (the same H, bit for bit).
     """
     x = x.reshape(-1, x.shape[-1]).to(torch.float32)
     n_new, width = x.shape
@@ -158,11 +161,8 @@ def accumulate_hessian(hessian: torch.Tensor | None, nsamples: int, x: torch.Ten
                          overwrite_c=1)
         if not np_shares_memory(out, c):
             hessian.copy_(torch.from_numpy(out.T))
-        for i in range(0, width, block):
-            j = min(i + block, width)
-            hessian[i:j, j:] = hessian[j:, i:j].t()
-            diag = hessian[i:j, i:j]
-            diag.copy_(diag.tril() + diag.tril(-1).t())
+        if mirror:
+            mirror_lower(hessian, block)
         return hessian, total
     hessian.mul_(nsamples / total)
     for i in range(0, width, block):
@@ -170,6 +170,17 @@ def accumulate_hessian(hessian: torch.Tensor | None, nsamples: int, x: torch.Ten
         hessian[i:j, i:].addmm_(x[:, i:j].t(), x[:, i:], alpha=alpha)
         hessian[j:, i:j] = hessian[i:j, j:].t()
     return hessian, total
+
+
+def mirror_lower(hessian: torch.Tensor, block: int = HESSIAN_BLOCK) -> torch.Tensor:
+    """Copy the lower triangle of ``hessian`` into its upper one, in place, one block of columns at a time."""
+    width = hessian.shape[0]
+    for i in range(0, width, block):
+        j = min(i + block, width)
+        hessian[i:j, j:] = hessian[j:, i:j].t()
+        diag = hessian[i:j, i:j]
+        diag.copy_(diag.tril() + diag.tril(-1).t())
+    return hessian
 
 
 def np_shares_memory(a, b) -> bool:
@@ -237,23 +248,39 @@ def _reversed_inverse_factor(hessian: torch.Tensor, damp_percent: float, max_ret
     if not mean_diag > 0 or not torch.isfinite(hessian).all():
         raise HessianError("the Hessian has no positive diagonal (all calibration inputs are zero or not finite)")
     buf = np.empty((n, n), dtype=np.float64, order="F")  # LAPACK works in place on Fortran order only
-    damp = damp_percent
+
+    def factor(damp: float):
+        buf[...] = src
+        np.einsum("ii->i", buf)[...] += damp * mean_diag
+        lower, info = lapack.dpotrf(buf, lower=1, clean=1, overwrite_a=1)
+        if info:
+            return None
+        inv, info = lapack.dtrtri(lower, lower=1, overwrite_c=1)
+        del lower
+        if info == 0 and np.isfinite(inv).all():
+            return inv
+        raise _not_positive_definite(damp)
+
     with single_threaded():
-        for _ in range(max_retries + 1):
-            buf[...] = src
-            np.einsum("ii->i", buf)[...] += damp * mean_diag
-            lower, info = lapack.dpotrf(buf, lower=1, clean=1, overwrite_a=1)
-            if info == 0:
-                inv, info = lapack.dtrtri(lower, lower=1, overwrite_c=1)
-                del lower
-                if info == 0 and np.isfinite(inv).all():
-                    return inv
-                raise HessianError(f"the inverse Hessian is not positive definite (dampening {damp:g} x mean(diag H)); "
-                                   "use more calibration samples or raise --damp-percent")
-            del lower
-            damp *= 10
+        return _with_dampening(damp_percent, max_retries, factor)
+
+
+def _with_dampening(damp_percent: float, max_retries: int, factor):
+    """``factor(damp)`` for ``damp = damp_percent`` and then ten times more, ``max_retries`` times, until
+    the Cholesky factorization inside it succeeds (it returns the factor, else None)."""
+    damp = damp_percent
+    for _ in range(max_retries + 1):
+        inv = factor(damp)
+        if inv is not None:
+            return inv
+        damp *= 10
     raise HessianError(f"Cholesky failed even with dampening {damp / 10:g} x mean(diag H); "
                        "use more calibration samples or raise --damp-percent")
+
+
+def _not_positive_definite(damp: float) -> HessianError:
+    return HessianError(f"the inverse Hessian is not positive definite (dampening {damp:g} x mean(diag H)); "
+                        "use more calibration samples or raise --damp-percent")
 
 
 def _reversed_inverse_factor_torch(hessian: torch.Tensor, damp_percent: float, max_retries: int) -> torch.Tensor:
@@ -270,23 +297,20 @@ def _reversed_inverse_factor_torch(hessian: torch.Tensor, damp_percent: float, m
     mean_diag = float(undamped.mean())
     if not mean_diag > 0:
         raise HessianError("the Hessian has no positive diagonal (all calibration inputs are zero or not finite)")
-    damp = damp_percent
-    for _ in range(max_retries + 1):
+
+    def factor(damp: float):
         diagonal.copy_(undamped).add_(damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(flipped)
-        if int(info) == 0:
-            del flipped
-            eye = torch.eye(lower.shape[0], dtype=torch.float64, device=lower.device)
-            inv = torch.linalg.solve_triangular(lower, eye, upper=False)
-            del lower, eye
-            if bool(torch.isfinite(inv).all()) and bool((inv.diagonal() > 0).all()):
-                return inv
-            raise HessianError(f"the inverse Hessian is not positive definite (dampening {damp:g} x mean(diag H)); "
-                               "use more calibration samples or raise --damp-percent")
-        del lower
-        damp *= 10
-    raise HessianError(f"Cholesky failed even with dampening {damp / 10:g} x mean(diag H); "
-                       "use more calibration samples or raise --damp-percent")
+        if int(info):
+            return None
+        eye = torch.eye(lower.shape[0], dtype=torch.float64, device=lower.device)
+        inv = torch.linalg.solve_triangular(lower, eye, upper=False)
+        del lower, eye
+        if bool(torch.isfinite(inv).all()) and bool((inv.diagonal() > 0).all()):
+            return inv
+        raise _not_positive_definite(damp)
+
+    return _with_dampening(damp_percent, max_retries, factor)
 
 
 @dataclass
@@ -340,6 +364,93 @@ def prepare_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order
     return PreparedHessian(dead, perm, factor, importance)
 
 
+# Threads of the GPTQ column loop on the CPU: at most this many, each with at least MIN_CHUNK_ROWS rows.
+MAX_GPTQ_WORKERS = 2  # measured on 2 cores only; Python's GIL serialises the many small ops of the loop
+MIN_CHUNK_ROWS = 256
+CHUNK_ALIGN = 64  # chunk boundaries at multiples of this many rows (whole cache lines of every row of Wᵀ)
+
+
+def gptq_workers(device: torch.device | str = "cpu", reserve: int = 0) -> int:
+    """Threads for the column loop: torch's intra-op threads (``OMP_NUM_THREADS``, else the cores) less
+    ``reserve`` (kept for other work), at least 1 and at most :data:`MAX_GPTQ_WORKERS` on the CPU; 1 on
+    an accelerator (its kernels are already parallel)."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads() - reserve, MAX_GPTQ_WORKERS))
+
+
+def _row_chunks(rows: int, workers: int) -> list[slice]:
+    """``rows`` split into at most ``workers`` contiguous chunks of about equal size, each at least
+    :data:`MIN_CHUNK_ROWS` and starting at a multiple of :data:`CHUNK_ALIGN` (one chunk when too few)."""
+    n = max(1, min(workers, rows // MIN_CHUNK_ROWS))
+    bounds = [0, *(CHUNK_ALIGN * round(rows * k / n / CHUNK_ALIGN) for k in range(1, n)), rows]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _run_threads(calls: list[tuple]) -> None:
+    """``fn(*args)`` for each of ``calls``, the first on this thread, the others on their own threads,
+    each with one intra-op thread; the first exception raised is re-raised after all have finished."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def one(fn, args):
+        try:
+            torch.set_num_threads(1)  # per thread under OpenMP/MKL: a new thread starts at the default
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=call, daemon=True) for call in calls[1:]]
+    for t in threads:
+        t.start()
+    one(*calls[0])
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+@dataclass
+class _ColumnLoop:
+    """GPTQ's loop over the columns of ``Wᵀ`` for any set of its columns (rows of ``W``): every step is
+    per row except the lazy-block products, whose rows of ``U`` are shared."""
+
+    prepared: PreparedHessian
+    col_group: list[int]  # group of each column, in processing order
+    static: bool  # scales fixed beforehand, else set at each group's first column
+    block_size: int
+    gsize: int
+    group_scales: object  # (w_group_t [rows, gsize], first column) -> scales [rows]
+    lo: int
+    hi: int
+
+    def run(self, wt: torch.Tensor, qt: torch.Tensor, scales: torch.Tensor, losses: torch.Tensor) -> None:
+        """Quantize ``wt`` ``[in, rows]`` (updated in place) into ``qt``, ``scales`` ``[groups, rows]``
+        and ``losses`` ``[rows]`` (views of the whole result's columns)."""
+        in_f, gsize, lo, hi = wt.shape[0], self.gsize, self.lo, self.hi
+        for i1 in range(0, in_f, self.block_size):
+            i2 = min(i1 + self.block_size, in_f)
+            w1 = wt[i1:i2]  # a view: updated in place
+            err1 = torch.empty_like(w1)
+            rows = self.prepared.upper_rows(i1, i2).to(wt.device)  # U[i1:i2, i1:]
+            hinv1 = rows[:, :i2 - i1]
+            diag = hinv1.diagonal()
+            for i in range(i2 - i1):
+                col = i1 + i
+                if not self.static and col % gsize == 0:
+                    # Scales from the error-updated weights of the whole group (all inside this block).
+                    scales[col // gsize] = self.group_scales(w1[i:i + gsize].t(), col)
+                s = scales[self.col_group[col]]
+                wcol = w1[i]
+                q = torch.clamp(torch.round(wcol / s), lo, hi)
+                qt[col] = q
+                e = torch.div(wcol - q * s, diag[i], out=err1[i])
+                w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
+            losses += err1.double().square_().sum(0) / 2
+            wt[i2:].addmm_(rows[:, i2 - i1:].t(), err1, alpha=-1)
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: LayerScheme, **options) -> QuantResult:
     """GPTQ of one linear weight ``[out, in]`` given the Hessian ``[in, in]`` of its inputs.
 
@@ -359,6 +470,7 @@ def gptq_quantize_shared(
     max_damp_retries: int = 5,
     prepared: "PreparedHessian | None" = None,
     clip_ratios: tuple[float, ...] = (1.0,),
+    workers: int | None = None,
 ) -> list[QuantResult]:
     """GPTQ of linears fed the same input (one Hessian) with the same scheme, in one column loop.
 
@@ -375,6 +487,11 @@ def gptq_quantize_shared(
     (from :func:`prepare_hessian`) shares one inverse among linears fed the same input.
     ``clip_ratios`` other than ``(1.0,)`` search each group's scale among ``ratio · amax``
     (:func:`quant.clip.search_scales`, weighted by ``diag(H)``) where the amax scale would be taken.
+
+    ``workers`` (default :func:`gptq_workers`) splits the rows (the columns of ``Wᵀ``) into that
+    many contiguous chunks, each run through the whole column loop by its own thread on one core
+    (:class:`_ColumnLoop`); the chunks share only ``H``, so the integers and scales are those of one
+    thread, bit for bit.
     """
     sizes = [w.shape[0] for w in weights]
     in_f, out_f = weights[0].shape[1], sum(sizes)
@@ -416,27 +533,13 @@ def gptq_quantize_shared(
 
     qt = torch.empty(in_f, out_f, dtype=torch.int8, device=device)
     losses = torch.zeros(out_f, dtype=torch.float64, device=device)
+    loop = _ColumnLoop(prepared, col_group, static, block_size, gsize, group_scales, lo, hi)
+    chunks = _row_chunks(out_f, gptq_workers(device) if workers is None else workers)
     with single_threaded():
-        for i1 in range(0, in_f, block_size):
-            i2 = min(i1 + block_size, in_f)
-            w1 = wt[i1:i2]  # a view: updated in place
-            err1 = torch.empty_like(w1)
-            rows = prepared.upper_rows(i1, i2).to(device)  # U[i1:i2, i1:]
-            hinv1 = rows[:, :i2 - i1]
-            diag = hinv1.diagonal()
-            for i in range(i2 - i1):
-                col = i1 + i
-                if not static and col % gsize == 0:
-                    # Scales from the error-updated weights of the whole group (all inside this block).
-                    scales[col // gsize] = group_scales(w1[i:i + gsize].t(), col)
-                s = scales[col_group[col]]
-                wcol = w1[i]
-                q = torch.clamp(torch.round(wcol / s), lo, hi)
-                qt[col] = q
-                e = torch.div(wcol - q * s, diag[i], out=err1[i])
-                w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
-            losses += err1.double().square_().sum(0) / 2
-            wt[i2:].addmm_(rows[:, i2 - i1:].t(), err1, alpha=-1)
+        if len(chunks) == 1:
+            loop.run(wt, qt, scales, losses)
+        else:
+            _run_threads([(loop.run, (wt[:, c], qt[:, c], scales[:, c], losses[c])) for c in chunks])
 
     q_all = (qt[torch.argsort(perm)] if act_order else qt).t()
     scales = scales.t().to(scheme.spec.scale_dtype)

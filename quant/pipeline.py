@@ -18,11 +18,14 @@ the results are offloaded before writing (:mod:`quant.device`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
+import functools
 import json
 import resource
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +42,9 @@ from quant.config import LayerScheme, QuantConfig
 from quant.device import Placement, peak_device_memory_mb, resolve_device
 from quant.errors import QuantInputError
 from quant.export import linear_tensors, quantization_config, write_format_files
-from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize_shared, layer_output_error,
-                        prepare_hessian, rtn_quantize, smoothquant_scales)
+from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize_shared, gptq_workers,
+                        layer_output_error, mirror_lower, prepare_hessian, rtn_quantize, single_threaded,
+                        smoothquant_scales)
 from quant.model import DecoderSkeleton, calibration_dtype, run_layer
 from quant.replay import ReplayCache, find_replays
 
@@ -95,6 +99,68 @@ class _SpilledTensor:
         self.file.readinto(memoryview(buf.numpy()))
         self.file.close()
         return buf.view(self.dtype).reshape(self.shape)
+
+
+class _Background:
+    """Work off the critical path (each linear's relative output error) done on a second core while the
+    main thread factorizes a Hessian and runs GPTQ's column loop, which use one core.
+
+    Jobs queue up in order (:meth:`add`); inside :meth:`window` one extra thread with one intra-op
+    thread runs them until the window closes (the job it is on is finished, the rest wait for the next
+    window); :meth:`drain` runs what is left. Disabled, :meth:`add` runs the job at once.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.jobs: collections.deque = collections.deque()
+
+    def add(self, job) -> None:
+        if self.enabled:
+            self.jobs.append(job)
+        else:
+            job()
+
+    @contextlib.contextmanager
+    def window(self):
+        """Run queued jobs on another thread while the block runs on one core (torch and BLAS single-threaded)."""
+        with single_threaded():
+            if not self.jobs:
+                yield
+                return
+            stop, failed = threading.Event(), []
+
+            def work():
+                torch.set_num_threads(1)  # per thread under OpenMP/MKL: a new thread starts at the default
+                try:
+                    while self.jobs and not stop.is_set():
+                        self.jobs.popleft()()
+                except Exception as exc:  # noqa: BLE001 - re-raised on the main thread below
+                    failed.append(exc)
+
+            worker = threading.Thread(target=work, daemon=True)
+            worker.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                worker.join()
+            if failed:
+                raise failed[0]
+
+    def drain(self) -> None:
+        """Run what is left here, on one intra-op thread as in a window: the same results wherever a job ran."""
+        with single_threaded():
+            while self.jobs:
+                self.jobs.popleft()()
+
+
+def _record_errors(errors: dict[str, float], linears: list[tuple[str, torch.Tensor, QuantResult]],
+                   hessian: "torch.Tensor | _SpilledTensor") -> None:
+    """``errors[name]`` = the relative output error of each ``(name, weight, result)`` of one input group."""
+    if isinstance(hessian, _SpilledTensor):
+        hessian = hessian.load()
+    for name, weight, result in linears:
+        errors[name] = layer_output_error(weight, result, hessian)
 
 
 def peak_rss_mb() -> float:
@@ -219,11 +285,12 @@ def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absma
     replays the finished modules of the earlier groups and keeps this group's input where a replay needs it.
     """
     states = [{"h": None, "n": 0, "absmax": None} for _ in firsts]
+    lower_only = placement.device.type == "cpu"  # ssyrk: one triangle per batch, mirrored once after the pass
 
     def make_hook(state: dict, absmax: bool, last: bool):
         def hook(_mod, args):
             x = args[0].detach()
-            state["h"], state["n"] = accumulate_hessian(state["h"], state["n"], x)
+            state["h"], state["n"] = accumulate_hessian(state["h"], state["n"], x, mirror=not lower_only)
             if absmax:
                 m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
                 state["absmax"] = m if state["absmax"] is None else torch.maximum(state["absmax"], m)
@@ -247,18 +314,25 @@ def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absma
     finally:
         for h in handles:
             h.remove()
+    if lower_only:
+        for st in states:
+            mirror_lower(st["h"])
     return [(st["h"], st["absmax"]) for st in states]
 
 
 def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict,
                    schemes: dict[str, LayerScheme | None], config: QuantConfig,
-                   placement: Placement = Placement(torch.device("cpu")),
+                   placement: Placement = Placement(torch.device("cpu")), background: _Background | None = None,
                    ) -> tuple[dict[str, QuantResult], dict[str, float], ReplayCache | None]:
     """Quantize the linears of one materialised layer in place (weights become their dequantized values).
 
     ``layer`` and ``kwargs`` are on ``placement.device``; ``hidden`` is where ``placement`` keeps it.
     The results stay on the device. Returns the results, the relative output errors and the replays
-    (true-sequential) that :func:`_propagate` uses for the layer's output."""
+    (true-sequential) that :func:`_propagate` uses for the layer's output. With an enabled ``background``,
+    the errors are filled in later, while later groups (or layers) are factorized and quantized."""
+    background = background or _Background(False)
+    # The cores a GPTQ window leaves idle: one runs the queued errors, the others split the column loop.
+    gptq_threads = gptq_workers(placement.device, reserve=int(background.enabled))
     modules = dict(layer.named_modules())
     results: dict[str, QuantResult] = {}
     errors: dict[str, float] = {}
@@ -289,32 +363,36 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                     m.weight.mul_(s)
             h = h / s.unsqueeze(1) / s.unsqueeze(0)
         if config.method == "gptq":
-            try:  # one inverse Hessian for every linear of the group
-                prepared = prepare_hessian(h, config.damp_percent, config.act_order, config.max_damp_retries,
-                                           lapack=placement.lapack)
-            except HessianError as exc:
-                raise HessianError(f"{', '.join(todo)}: {exc}") from None
-            # Only the errors below need H again: out of memory while the inverse and GPTQ run.
-            spilled = _SpilledTensor(h) if placement.spill_hessian else h
-            del h
-            by_scheme: dict[LayerScheme, list[str]] = {}
-            for name in todo:
-                by_scheme.setdefault(schemes[name], []).append(name)
-            for scheme, names in by_scheme.items():  # one column loop for all linears of a scheme
-                outs = gptq_quantize_shared([linears[n].weight for n in names], None, scheme,
-                                            block_size=config.block_size, act_order=config.act_order,
-                                            prepared=prepared, clip_ratios=config.clip_ratios)
-                results.update(zip(names, outs))
-            del prepared, outs
-            h = spilled.load() if placement.spill_hessian else spilled
-            del spilled
+            # Factorization and column loop on one core; the errors of earlier groups on another.
+            with background.window():
+                try:  # one inverse Hessian for every linear of the group
+                    prepared = prepare_hessian(h, config.damp_percent, config.act_order, config.max_damp_retries,
+                                               lapack=placement.lapack)
+                except HessianError as exc:
+                    raise HessianError(f"{', '.join(todo)}: {exc}") from None
+                # Only the errors need H again: out of memory while the inverse and GPTQ run.
+                if placement.spill_hessian:
+                    h = _SpilledTensor(h)
+                by_scheme: dict[LayerScheme, list[str]] = {}
+                for name in todo:
+                    by_scheme.setdefault(schemes[name], []).append(name)
+                for scheme, names in by_scheme.items():  # one column loop for all linears of a scheme
+                    outs = gptq_quantize_shared([linears[n].weight for n in names], None, scheme,
+                                                block_size=config.block_size, act_order=config.act_order,
+                                                prepared=prepared, clip_ratios=config.clip_ratios,
+                                                workers=gptq_threads)
+                    results.update(zip(names, outs))
+                del prepared, outs
         else:
             results.update((name, rtn_quantize(linears[name].weight, schemes[name])) for name in todo)
+        # Queued (H stays parked until the job runs): the weights are overwritten below, the job keeps copies.
+        todo_results = [(name, linears[name].weight.detach().clone() if background.enabled
+                         else linears[name].weight.detach(), results[name]) for name in todo]
+        background.add(functools.partial(_record_errors, errors, todo_results, h))
+        del todo_results
         for name in todo:
-            lin, res = linears[name], results[name]
-            errors[name] = layer_output_error(lin.weight.detach(), res, h)
             with torch.no_grad():
-                res.dequantize_into(lin.weight)
+                results[name].dequantize_into(linears[name].weight)
         del h
         _release_freed_memory()
     return results, errors, cache
@@ -403,6 +481,8 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
     layer_prefix = skeleton.layers_prefix + "."
     other_names = [n for n in reader.names() if not n.startswith(layer_prefix)]
     stats: list[LayerStats] = []
+    # The errors on a second core while GPTQ runs on one (CPU, GPTQ, more than one thread).
+    background = _Background(device.type == "cpu" and config.method == "gptq" and torch.get_num_threads() > 1)
 
     with contextlib.ExitStack() as stack:
         tmp = {fmt: stack.enter_context(atomic_output_dir(out, force)) for fmt, out in outputs.items()}
@@ -420,7 +500,7 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
                 check_scale_range(skeleton.layer_linears(i), schemes, reader)
                 kwargs = placement.onload(layer_kwargs[i])
                 results, errors, cache = quantize_layer(layer, skeleton.layer_name(i), hidden, kwargs, schemes,
-                                                        config, placement)
+                                                        config, placement, background)
                 results = {name: res.to("cpu") for name, res in results.items()}  # offload for writing
                 for fmt, writer in writers.items():
                     writer.write_shard(_layer_export(fmt, skeleton, i, layer, results, config))
@@ -430,7 +510,8 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
                 skeleton.unload_layer(i)
                 _release_freed_memory()
                 stats.append(LayerStats(i, time.perf_counter() - t_layer, peak_rss_mb(), errors))
-                bar.set_postfix(err=f"{stats[-1].mean_error:.2e}")
+                bar.set_postfix(err=f"{stats[-1].mean_error:.2e}")  # the errors computed so far
+            background.drain()
             del hidden
             rest = {name: StoredTensor(reader, name) for name in other_names}  # streamed, checked for NaN/Inf
             for writer in writers.values():

@@ -447,7 +447,7 @@ def main() -> int:
                         rows.append({**row, **res})
                         print(json.dumps(rows[-1]), flush=True)
     (work / "results.json").write_text(json.dumps(rows, indent=2))
-    print_table(rows)
+    print_table(rows, args.threads)
     print_legend()
     print(f"threads per tool: {args.threads or 'default'}")
     print(f"calibration: the same {args.num_samples} windows of {args.seqlen} tokens (seeds {seeds}) for every tool and model "
@@ -489,7 +489,7 @@ def depth_check(depths: list[int], work: Path, calib: Path, args) -> int:
     return 0
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], threads: int | None = None) -> None:
     print(f"\n{'model':<12}{'scheme':<11}{'tool':<15}{'seed':>5}{'wall s':>8}{'cpu s':>8}{'quant s':>9}{'peak RSS MiB':>13}"
           f"{'RSS/model':>10}{'ppl':>9}{'fp ppl':>9}")
     for r in rows:
@@ -522,7 +522,8 @@ def print_table(rows: list[dict]) -> None:
         if peer is not None:
             wall = r["wall_s"] / peer["wall_s"]
             ppl = f", perplexity {r['ppl'] / peer['ppl']:.4f}x" if "ppl" in r and "ppl" in peer else ""
-            print(f"\nissue 13 item 5, 100m {s}: ours (default) / llm-compressor wall time {wall:.2f}x "
+            at = f"--threads {threads}" if threads else f"default threads ({os.cpu_count()} cores)"
+            print(f"\nissue 13 item 5, 100m {s}, {at}: ours (default) / llm-compressor wall time {wall:.2f}x "
                   f"(target <= 0.80x: {'met' if wall <= 0.8 else 'NOT met'}), CPU time "
                   f"{r['cpu_s'] / peer['cpu_s']:.2f}x{ppl}, peak RSS {r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x")
 

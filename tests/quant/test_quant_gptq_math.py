@@ -8,7 +8,7 @@ import torch
 from quant.config import LayerScheme, QuantConfig, parse_override
 from quant.errors import QuantInputError
 from quant.gptq import (HessianError, accumulate_hessian, gptq_quantize, gptq_quantize_shared, inverse_cholesky,
-                        rtn_quantize, smoothquant_scales)
+                        mirror_lower, rtn_quantize, smoothquant_scales)
 
 W4 = LayerScheme("w4a16", 32)
 W4_CHANNEL = LayerScheme("w4a16", -1)
@@ -65,6 +65,19 @@ def test_hessian_is_two_x_xt_over_n(block, syrk):
     if syrk:
         assert torch.equal(h, h.t())
     torch.testing.assert_close(h.double(), 2 * x.t() @ x / 300, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("block", [32, 512])
+def test_hessian_mirrored_once_after_the_batches_is_the_same(block):
+    """ssyrk touches one triangle: mirroring once after all batches (the pipeline's passes) gives the H
+    of mirroring after every batch, bit for bit."""
+    _, x = _problem(n=300)
+    every, once, n = None, None, 0
+    for chunk in x.split(64):
+        every, _ = accumulate_hessian(every, n, chunk.float(), block=block, syrk=True)
+        once, n = accumulate_hessian(once, n, chunk.float(), block=block, syrk=True, mirror=False)
+    assert not torch.equal(once, every)  # the upper triangle is stale before the mirroring
+    assert torch.equal(mirror_lower(once, block), every)
 
 
 @pytest.mark.parametrize("scheme", [W4, W4_CHANNEL, W8], ids=["w4-g32", "w4-channel", "w8-channel"])
