@@ -20,6 +20,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
+from models.dims import head_dim, rope_parameters, rotary_dim
+
 MODEL_TYPE = "llama_variant"
 ARCHITECTURE = "LlamaVariantForCausalLM"
 
@@ -82,20 +84,6 @@ def _require(params: dict, *keys: str) -> None:
     missing = [k for k in keys if k not in params]
     if missing:
         raise ValueError(f"llama_variant: rope_type {params.get('rope_type')!r} needs {missing}")
-
-
-def rope_parameters(config) -> dict:
-    """The config's RoPE parameters (transformers 5 keeps partial_rotary_factor there)."""
-    return dict(getattr(config, "rope_parameters", None) or {})
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def rotary_dim(config) -> int:
-    """How many leading dims of each head RoPE rotates."""
-    return int(head_dim(config) * rope_parameters(config).get("partial_rotary_factor", 1.0))
 
 
 __all__ = ["LlamaVariantConfig", "MODEL_TYPE", "ARCHITECTURE", "HIDDEN_ACTS", "ROPE_TYPES", "rope_parameters", "head_dim", "rotary_dim"]

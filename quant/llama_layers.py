@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.dims import head_dim, rope_parameters, rotary_dim
+
 # ``architectures`` entry -> (model_type, takes the variant's options: q/k norm, partial rotary dims)
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", False), "LlamaVariantForCausalLM": ("llama_variant", True)}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -161,19 +163,6 @@ def _rope_parameters(raw: dict, variant: bool, max_positions: int) -> dict:
         else:
             rope.setdefault("original_max_position_embeddings", max_positions)
     return rope
-
-
-def rope_parameters(config) -> dict:
-    return dict(getattr(config, "rope_parameters", None) or {})
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def rotary_dim(config) -> int:
-    """How many leading dims of each head RoPE rotates."""
-    return int(head_dim(config) * rope_parameters(config).get("partial_rotary_factor", 1.0))
 
 
 def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
