@@ -87,7 +87,7 @@ print("RESULT " + json.dumps({"quant_s": time.perf_counter() - t1, "import_rss_m
 """
 
 LLMC_CHILD = HWM + """
-import json, sys, time, torch
+import json, os, sys, time, torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from llmcompressor import oneshot
@@ -102,7 +102,9 @@ model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
 if scheme == "w4a16":
     groups = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
               "strategy": "group", "group_size": int(group)}}}
-    recipe = GPTQModifier(config_groups=groups, ignore=ignore, actorder=None, dampening_frac=0.01, block_size=128)
+    # actorder: None (plain column order, like ours) unless LLMC_ACTORDER is set ("static": GPTQModifier's own default)
+    recipe = GPTQModifier(config_groups=groups, ignore=ignore, actorder=os.environ.get("LLMC_ACTORDER") or None,
+                          dampening_frac=0.01, block_size=128)
 else:
     recipe = GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore, dampening_frac=0.01, block_size=128)
 oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=samples.shape[0],
@@ -143,6 +145,9 @@ print("RESULT " + json.dumps({"quant_s": time.perf_counter() - t1, "import_rss_m
 # tool -> (venv under .venv-peers, child script, extra environment, schemes it runs)
 PEERS = {
     "llm-compressor": ("llmcompressor", LLMC_CHILD, {}, ("w4a16", "w8a8")),
+    # GPTQModifier's own default for w4a16: static activation order (columns by decreasing diag(H), scales
+    # fixed beforehand from the unmodified weight by its minmax observer, as in every llm-compressor mode)
+    "llm-compressor-static": ("llmcompressor", LLMC_CHILD, {"LLMC_ACTORDER": "static"}, ("w4a16",)),
     # GPTQModel stops on a 2-core machine unless its CPU worker count is set. Its GPTQ is weight-only, so it
     # has no counterpart to W8A8 (int8 weights *and* per-token int8 activations): w4a16 only.
     "gptqmodel": ("gptqmodel", GPTQMODEL_CHILD, {"GPTQMODEL_CPU_WORKERS": "2"}, ("w4a16",)),
