@@ -55,6 +55,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"0.01) for the least diag(H)-weighted rounding error (default {d['clip_search']})")
     p.add_argument("--clip-min-ratio", type=float, default=d["clip_min_ratio"],
                    help=f"smallest clipping ratio searched (default {d['clip_min_ratio']})")
+    p.add_argument("--gptaq", action=argparse.BooleanOptionalAction, default=d["gptaq"],
+                   help="gptq: asymmetric calibration (GPTAQ): fit each linear to the float model's output on "
+                        "the quantized model's input; keeps a float copy of the calibration activations "
+                        f"(default {d['gptaq']})")
+    p.add_argument("--gptaq-alpha", type=float, default=d["gptaq_alpha"],
+                   help=f"GPTAQ: share of the correction toward the float outputs, in (0, 1] (default {d['gptaq_alpha']})")
     p.add_argument("--smoothquant", type=float, default=d["smoothquant"], metavar="ALPHA",
                    help=f"{'/'.join(names(lambda s: s.act_bits is not None))}: SmoothQuant with this alpha, "
                         "folded into the preceding norms")
@@ -76,6 +82,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         num_samples=args.num_samples, seqlen=args.seqlen, seed=args.seed, smoothquant=args.smoothquant,
         calib_dtype=args.calib_dtype, true_sequential=args.true_sequential, device=args.device,
         clip_search=args.clip_search, clip_min_ratio=args.clip_min_ratio, replay_cache_mb=args.replay_cache_mb,
+        gptaq=args.gptaq, gptaq_alpha=args.gptaq_alpha,
         ignore=tuple(args.ignore) if args.ignore is not None else _DEFAULTS["ignore"], overrides=overrides,
     )
 

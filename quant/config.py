@@ -85,6 +85,11 @@ class QuantConfig:
     # w4a16 perplexity 0.985x-1.0x of plain GPTQ's over 3 seeds (README, "Quantizing checkpoints").
     clip_search: bool = True
     clip_min_ratio: float = 0.8
+    # GPTAQ's asymmetric calibration (quant.gptaq): each linear is fitted to the float model's output W X_fp
+    # on the quantized model's input X; gptaq_alpha in (0, 1] scales the correction. gptq method only. It keeps
+    # a float copy of the calibration hidden states and the float inputs of the layer in hand.
+    gptaq: bool = False
+    gptaq_alpha: float = 0.5
     # True-sequential: keep group inputs (MiB, where the activations live) to replay finished modules of a
     # layer instead of recomputing them in its later passes (quant.replay; same exports). 0 turns it off.
     replay_cache_mb: float = 4096
@@ -109,6 +114,10 @@ class QuantConfig:
             raise QuantInputError(f"--num-samples must be positive, got {self.num_samples}")
         if not 0 < self.clip_min_ratio <= 1:
             raise QuantInputError(f"--clip-min-ratio must be in (0, 1], got {self.clip_min_ratio}")
+        if self.gptaq and self.method != "gptq":
+            raise QuantInputError("--gptaq applies to --method gptq only")
+        if not 0 < self.gptaq_alpha <= 1:
+            raise QuantInputError(f"--gptaq-alpha must be in (0, 1], got {self.gptaq_alpha}")
         if not self.replay_cache_mb >= 0:
             raise QuantInputError(f"--replay-cache-mb must be >= 0, got {self.replay_cache_mb}")
         if self.seqlen < 2:

@@ -42,6 +42,7 @@ from quant.config import LayerScheme, QuantConfig
 from quant.device import Placement, peak_device_memory_mb, resolve_device
 from quant.errors import QuantInputError
 from quant.export import linear_tensors, quantization_config, write_format_files
+from quant.gptaq import FloatStream, asymmetric_target
 from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize_shared, gptq_workers,
                         layer_output_error, mirror_lower, prepare_hessian, rtn_quantize, single_threaded,
                         smoothquant_scales)
@@ -277,19 +278,25 @@ def _discover_groups(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs
 
 
 def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absmax: list[bool],
-                      placement: Placement, cache: ReplayCache | None = None, group: int = 0) -> list[tuple]:
+                      placement: Placement, cache: ReplayCache | None = None, group: int = 0,
+                      on_input=None) -> list[tuple]:
     """``(H, per-channel |x| max or None)`` of the input of each of ``firsts`` (in call order), from one
     forward pass per batch that stops at the input of the last of them.
 
     With ``cache`` (true-sequential: ``firsts`` is the one linear of plan group ``group``), the pass
     replays the finished modules of the earlier groups and keeps this group's input where a replay needs it.
+    ``on_input(i, rows, x)`` (GPTAQ) also sees the input ``x`` of ``firsts[i]`` on the batch ``rows``.
     """
     states = [{"h": None, "n": 0, "absmax": None} for _ in firsts]
     lower_only = placement.device.type == "cpu"  # ssyrk: one triangle per batch, mirrored once after the pass
 
-    def make_hook(state: dict, absmax: bool, last: bool):
+    current = {"rows": slice(0, 0)}
+
+    def make_hook(state: dict, absmax: bool, last: bool, i: int):
         def hook(_mod, args):
             x = args[0].detach()
+            if on_input is not None:
+                on_input(i, current["rows"], x)
             state["h"], state["n"] = accumulate_hessian(state["h"], state["n"], x, mirror=not lower_only)
             if absmax:
                 m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
@@ -300,13 +307,14 @@ def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absma
                 raise _Stop
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(st, a, i == len(firsts) - 1))
+    handles = [m.register_forward_pre_hook(make_hook(st, a, i == len(firsts) - 1, i))
                for i, (m, st, a) in enumerate(zip(firsts, states, want_absmax))]
     step = _batch_samples(layer, hidden.shape[1])
     replaying = cache.replaying(layer, group) if cache is not None else contextlib.nullcontext()
     try:
         with torch.no_grad(), replaying:
             for rows, batch in placement.batches(hidden, step):
+                current["rows"] = rows
                 if cache is not None:
                     cache.rows = rows
                 with contextlib.suppress(_Stop):
@@ -323,7 +331,7 @@ def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absma
 def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict,
                    schemes: dict[str, LayerScheme | None], config: QuantConfig,
                    placement: Placement = Placement(torch.device("cpu")), background: _Background | None = None,
-                   ) -> tuple[dict[str, QuantResult], dict[str, float], ReplayCache | None]:
+                   stream: FloatStream | None = None) -> tuple[dict[str, QuantResult], dict[str, float], ReplayCache | None]:
     """Quantize the linears of one materialised layer in place (weights become their dequantized values).
 
     ``layer`` and ``kwargs`` are on ``placement.device``; ``hidden`` is where ``placement`` keeps it.
@@ -347,12 +355,17 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
     first = [modules[todo[0][len(prefix) + 1:]] for _, todo, _ in plan]
     # Not true-sequential: every group's statistics from one pass over the unquantized layer.
     one_pass = not config.true_sequential and plan
-    stats = _group_statistics(layer, first, hidden, kwargs, [p[2] for p in plan], placement) if one_pass else None
+    names0 = [todo[0][len(prefix) + 1:] for _, todo, _ in plan]
+    cross = None if stream is None else (lambda i, rows, x, base=0: stream.accumulate(names0[base + i], rows, x))
+    stats = _group_statistics(layer, first, hidden, kwargs, [p[2] for p in plan], placement,
+                              on_input=cross) if one_pass else None
     cache = None if one_pass else _replay_cache(layer, prefix, plan, recording, hidden, config, placement)
     for index, (group, todo, smooth) in enumerate(plan):
         linears = {n: modules[n[len(prefix) + 1:]] for n in todo}
         if stats is None:  # true-sequential: the earlier groups of this layer are quantized already
-            h, absmax = _group_statistics(layer, [first[index]], hidden, kwargs, [smooth], placement, cache, index)[0]
+            on_input = None if cross is None else functools.partial(cross, base=index)
+            h, absmax = _group_statistics(layer, [first[index]], hidden, kwargs, [smooth], placement, cache, index,
+                                          on_input)[0]
         else:
             (h, absmax), stats[index] = stats[index], None
         if smooth:
@@ -362,6 +375,8 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                 for m in linears.values():
                     m.weight.mul_(s)
             h = h / s.unsqueeze(1) / s.unsqueeze(0)
+            if stream is not None:  # D, like H, in the smoothed inputs x / s
+                stream.cross[names0[index]] = stream.cross[names0[index]] / s.unsqueeze(1) / s.unsqueeze(0)
         if config.method == "gptq":
             # Factorization and column loop on one core; the errors of earlier groups on another.
             with background.window():
@@ -370,6 +385,10 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                                                lapack=placement.lapack)
                 except HessianError as exc:
                     raise HessianError(f"{', '.join(todo)}: {exc}") from None
+                targets = {}  # GPTAQ: GPTQ runs on the least-squares targets of the float model's outputs
+                if stream is not None:
+                    targets = {n: asymmetric_target(linears[n].weight, stream.cross[names0[index]], h,
+                                                    config.damp_percent, config.gptaq_alpha) for n in todo}
                 # Only the errors need H again: out of memory while the inverse and GPTQ run.
                 if placement.spill_hessian:
                     h = _SpilledTensor(h)
@@ -377,12 +396,12 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                 for name in todo:
                     by_scheme.setdefault(schemes[name], []).append(name)
                 for scheme, names in by_scheme.items():  # one column loop for all linears of a scheme
-                    outs = gptq_quantize_shared([linears[n].weight for n in names], None, scheme,
+                    outs = gptq_quantize_shared([targets.get(n, linears[n].weight) for n in names], None, scheme,
                                                 block_size=config.block_size, act_order=config.act_order,
                                                 prepared=prepared, clip_ratios=config.clip_ratios,
                                                 workers=gptq_threads)
                     results.update(zip(names, outs))
-                del prepared, outs
+                del prepared, outs, targets
         else:
             results.update((name, rtn_quantize(linears[name].weight, schemes[name])) for name in todo)
         # Queued (H stays parked until the job runs): the weights are overwritten below, the job keeps copies.
@@ -493,14 +512,19 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
             if placement is None:
                 placement = Placement.for_run(device, hidden.numel() * hidden.element_size())
             hidden = placement.place_activations(hidden)
+            stream = FloatStream(hidden) if config.gptaq else None
             bar = tqdm(range(skeleton.num_layers), desc="quantize", unit="layer", disable=not progress)
             for i in bar:
                 t_layer = time.perf_counter()
                 layer = placement.onload(skeleton.load_layer(i))
                 check_scale_range(skeleton.layer_linears(i), schemes, reader)
                 kwargs = placement.onload(layer_kwargs[i])
+                if stream is not None:  # the float layer's inputs and output, before it is quantized
+                    stream.record_layer(layer, kwargs, placement.batches, _batch_samples(layer, hidden.shape[1]))
                 results, errors, cache = quantize_layer(layer, skeleton.layer_name(i), hidden, kwargs, schemes,
-                                                        config, placement, background)
+                                                        config, placement, background, stream)
+                if stream is not None:
+                    stream.release()
                 results = {name: res.to("cpu") for name, res in results.items()}  # offload for writing
                 for fmt, writer in writers.items():
                     writer.write_shard(_layer_export(fmt, skeleton, i, layer, results, config))
@@ -512,7 +536,7 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
                 stats.append(LayerStats(i, time.perf_counter() - t_layer, peak_rss_mb(), errors))
                 bar.set_postfix(err=f"{stats[-1].mean_error:.2e}")  # the errors computed so far
             background.drain()
-            del hidden
+            del hidden, stream
             rest = {name: StoredTensor(reader, name) for name in other_names}  # streamed, checked for NaN/Inf
             for writer in writers.values():
                 writer.write_shard(rest)
