@@ -160,7 +160,8 @@ OURS = {"ours": {},
         "ours-seq": {"true_sequential": True, "clip_search": False},
         "ours-1pass": {"true_sequential": False, "clip_search": False},
         "ours-seq-clip": {"true_sequential": True, "clip_search": True},
-        "ours-1pass-clip": {"true_sequential": False, "clip_search": True}}
+        "ours-1pass-clip": {"true_sequential": False, "clip_search": True},
+        "ours-gptaq": {"gptaq": True}}  # the defaults with GPTAQ's asymmetric calibration (--gptaq)
 TOOLS = (*OURS, *PEERS)
 
 
@@ -538,7 +539,8 @@ def print_legend() -> None:
         ours: the defaults (true-sequential with replayed finished modules, clip search); -recompute:
         the same without the replays (--replay-cache-mb 0, same export); -seq: true-sequential inside each layer; -1pass: --no-true-sequential, every
         Hessian of a layer from one pass over the unquantized layer, as the peers calibrate; -clip:
-        --clip-search (each group's scale clipped for the least diag(H)-weighted rounding error).
+        --clip-search (each group's scale clipped for the least diag(H)-weighted rounding error);
+        -gptaq: the defaults with --gptaq (each linear fitted to the float model's outputs, quant.gptaq).
         wall s: the whole subprocess (imports included); cpu s: its user + system CPU time (on a
         loaded machine compare cpu s at --threads 1: wall time then mostly measures the others); quant s: model load + calibration + GPTQ + save.
         RSS/model: peak RSS over the size of the source safetensors. ppl: torch dequantized model on
