@@ -39,6 +39,10 @@ CONFIGS = {
     # per-channel int8 with SmoothQuant (activation maxima), one pass per layer
     "w8a8-smooth": QuantConfig(scheme="w8a8", smoothquant=0.5, true_sequential=False, num_samples=12, seqlen=48,
                                device="cpu"),
+    # GPTAQ (float stream and inputs kept where the activations are), true-sequential and one pass + SmoothQuant
+    "w4a16-gptaq": QuantConfig(scheme="w4a16", group_size=32, gptaq=True, num_samples=12, seqlen=48, device="cpu"),
+    "w8a8-smooth-gptaq": QuantConfig(scheme="w8a8", smoothquant=0.5, true_sequential=False, gptaq=True,
+                                     num_samples=12, seqlen=48, device="cpu"),
 }
 
 

@@ -75,6 +75,18 @@ def test_alpha_and_dampening_against_float64():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
+def test_smoothed_coordinates_give_the_smoothed_target():
+    """SmoothQuant feeds x / s to W · s: the pipeline rescales D like H (D / s sᵀ), and the target must then be
+    the unsmoothed one times s (without dampening, which depends on the scale of H)."""
+    x_fp, x = _inputs(3000, 32, seed=9)
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(10)) * 0.1
+    s = 0.5 + torch.rand(32, generator=torch.Generator().manual_seed(11))
+    h, d = _statistics(x_fp, x)
+    want = asymmetric_target(w, d, h, 1e-9, 0.7) * s
+    got = asymmetric_target(w * s, d / s.unsqueeze(1) / s.unsqueeze(0), h / s.unsqueeze(1) / s.unsqueeze(0), 1e-9, 0.7)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_equal_inputs_leave_the_weight_unchanged():
     x_fp, _ = _inputs(2000, 32, seed=6)
     w = torch.randn(16, 32)
