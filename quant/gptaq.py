@@ -86,21 +86,28 @@ class FloatStream:
         self.inputs, self.cross, self.counts = {}, {}, {}
 
 
-def asymmetric_target(weight: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, damp_percent: float,
-                      alpha: float) -> torch.Tensor:
-    """``W + α W D (H + λI)⁻¹`` (float32), ``λ = damp_percent · mean(diag H)``, computed in float64.
+def asymmetric_targets(weights: list[torch.Tensor], cross: torch.Tensor, hessian: torch.Tensor,
+                       damp_percent: float, alpha: float) -> list[torch.Tensor]:
+    """``W + α W D (H + λI)⁻¹`` (float32) for each ``W`` of ``weights`` (linears fed one input), with
+    ``λ = damp_percent · mean(diag H)``.
 
-    Inputs that are dead in ``H`` (zero diagonal) get a unit diagonal, as GPTQ gives them."""
+    One float64 Cholesky factor of the damped ``H`` serves the group; the solves and products run in
+    float32 (the correction is a small share of ``W``). With more rows in the group than inputs,
+    ``G = D H⁻¹`` is formed once and ``W G`` taken per linear; else ``H⁻¹ (W D)ᵀ`` is solved per linear.
+    Inputs that are dead in ``H`` (zero diagonal) get a unit diagonal, as GPTQ gives them, and no correction.
+    """
     h = hessian.to(torch.float64).clone()
     diag = h.diagonal()
     dead = diag == 0
     diag[dead] = 1
     diag.add_(damp_percent * float(diag.mean()))
-    d = cross.to(torch.float64).clone()
+    chol = torch.linalg.cholesky(h).to(torch.float32)
+    del h
+    d = cross.to(torch.float32).clone()
     d[:, dead] = 0
     d[dead, :] = 0
-    chol = torch.linalg.cholesky(h)
-    # W D H⁻¹ = (H⁻¹ Dᵀ Wᵀ)ᵀ: one solve against the rows of W D
-    wd = weight.detach().to(torch.float64) @ d
-    corr = torch.cholesky_solve(wd.t().contiguous(), chol).t()
-    return (weight.detach().to(torch.float64) + alpha * corr).to(torch.float32)
+    ws = [w.detach().to(torch.float32) for w in weights]
+    if sum(w.shape[0] for w in ws) > d.shape[0]:
+        g = torch.cholesky_solve(d.t().contiguous(), chol).t()  # (H⁻¹ Dᵀ)ᵀ = D H⁻¹ (H is symmetric)
+        return [w + alpha * (w @ g) for w in ws]
+    return [w + alpha * torch.cholesky_solve((w @ d).t().contiguous(), chol).t() for w in ws]

@@ -42,7 +42,7 @@ from quant.config import LayerScheme, QuantConfig
 from quant.device import Placement, peak_device_memory_mb, resolve_device
 from quant.errors import QuantInputError
 from quant.export import linear_tensors, quantization_config, write_format_files
-from quant.gptaq import FloatStream, asymmetric_target
+from quant.gptaq import FloatStream, asymmetric_targets
 from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize_shared, gptq_workers,
                         layer_output_error, mirror_lower, prepare_hessian, rtn_quantize, single_threaded,
                         smoothquant_scales)
@@ -387,8 +387,9 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                     raise HessianError(f"{', '.join(todo)}: {exc}") from None
                 targets = {}  # GPTAQ: GPTQ runs on the least-squares targets of the float model's outputs
                 if stream is not None:
-                    targets = {n: asymmetric_target(linears[n].weight, stream.cross[names0[index]], h,
-                                                    config.damp_percent, config.gptaq_alpha) for n in todo}
+                    targets = dict(zip(todo, asymmetric_targets([linears[n].weight for n in todo],
+                                                                stream.cross[names0[index]], h,
+                                                                config.damp_percent, config.gptaq_alpha)))
                 # Only the errors need H again: out of memory while the inverse and GPTQ run.
                 if placement.spill_hessian:
                     h = _SpilledTensor(h)

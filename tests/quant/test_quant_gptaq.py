@@ -7,7 +7,12 @@ import torch
 
 from quant.config import LayerScheme, QuantConfig
 from quant.errors import QuantInputError
-from quant.gptaq import FloatStream, asymmetric_target
+from quant.gptaq import FloatStream, asymmetric_targets
+
+
+def asymmetric_target(w, d, h, damp_percent, alpha):
+    """The target of one linear."""
+    return asymmetric_targets([w], d, h, damp_percent, alpha)[0]
 from quant.gptq import accumulate_hessian, gptq_quantize
 
 
@@ -85,6 +90,17 @@ def test_smoothed_coordinates_give_the_smoothed_target():
     want = asymmetric_target(w, d, h, 1e-9, 0.7) * s
     got = asymmetric_target(w * s, d / s.unsqueeze(1) / s.unsqueeze(0), h / s.unsqueeze(1) / s.unsqueeze(0), 1e-9, 0.7)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_both_routes_agree():
+    """A group with more rows than inputs takes W (D H⁻¹), else H⁻¹ (W D)ᵀ: the same targets."""
+    x_fp, x = _inputs(3000, 32, seed=12)
+    h, d = _statistics(x_fp, x)
+    g = torch.Generator().manual_seed(13)
+    wide, narrow = torch.randn(40, 32, generator=g) * 0.1, torch.randn(8, 32, generator=g) * 0.1
+    together = asymmetric_targets([wide, narrow], d, h, 0.01, 0.5)  # 48 rows > 32 inputs: D H⁻¹
+    alone = [asymmetric_targets([w], d, h, 0.01, 0.5)[0] for w in (narrow,)]  # 8 rows: H⁻¹ (W D)ᵀ
+    torch.testing.assert_close(together[1], alone[0], rtol=1e-4, atol=1e-6)
 
 
 def test_equal_inputs_leave_the_weight_unchanged():
