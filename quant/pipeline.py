@@ -511,7 +511,8 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
         with reader.open():
             hidden, layer_kwargs = skeleton.capture_layer_inputs(samples)
             if placement is None:
-                placement = Placement.for_run(device, hidden.numel() * hidden.element_size())
+                copies = 2 if config.gptaq else 1  # GPTAQ keeps the float model's hidden states too
+                placement = Placement.for_run(device, copies * hidden.numel() * hidden.element_size())
             hidden = placement.place_activations(hidden)
             stream = FloatStream(hidden) if config.gptaq else None
             bar = tqdm(range(skeleton.num_layers), desc="quantize", unit="layer", disable=not progress)
