@@ -10,8 +10,9 @@ TinyStories text. The peers run each from its own virtual environment
 ``.venv-peers/<name>`` (created on first use, torch pinned to 2.13.0 through a
 constraints file; never in the main environment): llm-compressor 0.14.0.1
 (``llmcompressor``) and GPTQModel 7.6.0 (``gptqmodel``, w4a16 only, run with
-``GPTQMODEL_CPU_WORKERS=2``). ``--tools`` picks among ours, llm-compressor,
-gptqmodel.
+``GPTQMODEL_CPU_WORKERS=2``). ``--tools`` picks among this toolkit's variants,
+llm-compressor (``actorder=None``), llm-compressor-static (its own default, static
+activation order) and gptqmodel.
 
 ``1b`` generates a ~1.1B-parameter random Llama saved as bf16 shards
 (without materialising it) and reports this toolkit's peak RSS as a fraction

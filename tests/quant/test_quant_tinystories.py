@@ -160,7 +160,7 @@ def test_perplexity_gptq_beats_rtn(runs, model_dir, data):
         print(f"  {name:<32} {value:8.3f}")
     assert ppl["w4a16-g64-gptq"] < ppl["w4a16-g64-rtn"]
     # GPTAQ fits each layer to the float model's outputs: below the default on every one of 9 calibration
-    # draws of 64 x 256 tokens (README), 0.7-2.6% below it there
+    # draws of 64 x 256 tokens (README), 0.6-4.2% below it there
     assert ppl["w4a16-g64-gptaq"] < ppl["w4a16-g64-gptq"]
     # W8A8 as served (per-token int8 activations). The GPTQ/RTN gap is small for int8 weights
     # (about 0.05% here), so this comparison uses every held-out token and 128 samples.
