@@ -48,11 +48,12 @@ def models(tiny_llama, tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("kind", ["llama_variant", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama_variant", "qwen2", "qwen3", "llama_variant-gptaq", "qwen2-gptaq"])
 def test_quantized_model_tracks_float_logits(models, kind, tmp_path, shared_dir):
+    kind, _, method = kind.partition("-")  # "-gptaq": with GPTAQ's float stream (q/k norms, partial RoPE, biases)
     src = models[kind]
     out = tmp_path / "native"
-    cfg = QuantConfig(scheme="w8a8", num_samples=8, seqlen=64)
+    cfg = QuantConfig(scheme="w8a8", num_samples=8, seqlen=64, gptaq=method == "gptaq")
     report = quantize_checkpoint(src, out, cfg, shared_dir / "data" / "tinystories_val.txt", progress=False)
     assert len(report.layers) == 2 and all(len(s.errors) == 7 for s in report.layers)
     reader = ShardReader(out)
