@@ -9,9 +9,11 @@ corrects the error its quantized predecessors left in its input. Expanding,
 
 with ``H = 2 X Xᵀ / n`` (GPTQ's Hessian) and ``D = 2 (X_fp − X) Xᵀ / n``:
 GPTQ run on the least-squares target ``W_t`` with the same ``H`` minimises
-the asymmetric objective. :func:`asymmetric_target` returns
+the asymmetric objective. :func:`asymmetric_targets` returns
 ``W + α W D (H + λI)⁻¹`` with GPTQ's own dampening ``λ`` and a shrinkage
-``α`` (GPTAQ's reference implementation scales its correction by 0.25).
+``α`` (GPTAQ's reference implementation scales its correction by 0.25). This
+replaces GPTAQ's column-by-column correction inside GPTQ's loop, which is left
+as it is.
 
 :class:`FloatStream` keeps the float model's hidden state next to the quantized
 one (one more ``[samples, seqlen, hidden]`` tensor), runs each float layer
@@ -35,9 +37,10 @@ class FloatStream:
         self.cross: dict[str, torch.Tensor] = {}  # linear name -> D [in, in]
         self.counts: dict[str, int] = {}
 
-    def record_layer(self, layer: nn.Module, kwargs: dict, batches, step: int) -> None:
-        """Run the (still float) ``layer`` on the float hidden state: keep the input of every linear, then
-        replace the hidden state by the layer's output. ``batches(hidden, step)`` yields ``(rows, batch)``."""
+    def record_layer(self, layer: nn.Module, kwargs: dict, batches, step: int, names: set[str] | None = None) -> None:
+        """Run the (still float) ``layer`` on the float hidden state: keep the input of every linear named in
+        ``names`` (all when None), then replace the hidden state by the layer's output.
+        ``batches(hidden, step)`` yields ``(rows, batch)``."""
         self.inputs, self.cross, self.counts = {}, {}, {}
         seen: list[tuple[torch.Tensor, str]] = []  # (input, first linear fed it) of this batch, by identity
         current = {"rows": slice(0, 0)}
@@ -57,7 +60,8 @@ class FloatStream:
                 self.inputs[name][current["rows"]] = x.to(self.hidden.device)
             return hook
 
-        handles = [m.register_forward_pre_hook(keep(n)) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+        handles = [m.register_forward_pre_hook(keep(n)) for n, m in layer.named_modules()
+                   if isinstance(m, nn.Linear) and (names is None or n in names)]
         try:
             with torch.no_grad():
                 for rows, batch in batches(self.hidden, step):

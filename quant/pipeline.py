@@ -522,7 +522,11 @@ def quantize_checkpoint(model_dir: str | Path, outputs: dict[str, Path] | str | 
                 check_scale_range(skeleton.layer_linears(i), schemes, reader)
                 kwargs = placement.onload(layer_kwargs[i])
                 if stream is not None:  # the float layer's inputs and output, before it is quantized
-                    stream.record_layer(layer, kwargs, placement.batches, _batch_samples(layer, hidden.shape[1]))
+                    prefix = skeleton.layer_name(i) + "."
+                    quantized = {n.removeprefix(prefix) for n, s in schemes.items()
+                                 if s is not None and n.startswith(prefix)}
+                    stream.record_layer(layer, kwargs, placement.batches, _batch_samples(layer, hidden.shape[1]),
+                                        quantized)
                 results, errors, cache = quantize_layer(layer, skeleton.layer_name(i), hidden, kwargs, schemes,
                                                         config, placement, background, stream)
                 if stream is not None:
