@@ -74,7 +74,8 @@ class FloatStream:
                 h.remove()
 
     def accumulate(self, name: str, rows: slice, x: torch.Tensor) -> None:
-        """Add the batch ``rows`` of linear ``name``'s quantized-model input ``x`` to ``D = 2/n Σ (x_fp − x)ᵀ x``."""
+        """Add the batch ``rows`` of linear ``name``'s quantized-model input ``x`` to
+        ``D = 2/n Σ (x_fp − x)ᵀ x``."""
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         dx = self.inputs[name][rows].to(x.device, torch.float32).reshape(-1, x.shape[-1]) - x
         n_old = self.counts.get(name, 0)

@@ -331,13 +331,15 @@ def _group_statistics(layer, firsts: list[nn.Linear], hidden, kwargs, want_absma
 def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: dict,
                    schemes: dict[str, LayerScheme | None], config: QuantConfig,
                    placement: Placement = Placement(torch.device("cpu")), background: _Background | None = None,
-                   stream: FloatStream | None = None) -> tuple[dict[str, QuantResult], dict[str, float], ReplayCache | None]:
+                   stream: FloatStream | None = None,
+                   ) -> tuple[dict[str, QuantResult], dict[str, float], ReplayCache | None]:
     """Quantize the linears of one materialised layer in place (weights become their dequantized values).
 
     ``layer`` and ``kwargs`` are on ``placement.device``; ``hidden`` is where ``placement`` keeps it.
     The results stay on the device. Returns the results, the relative output errors and the replays
     (true-sequential) that :func:`_propagate` uses for the layer's output. With an enabled ``background``,
-    the errors are filled in later, while later groups (or layers) are factorized and quantized."""
+    the errors are filled in later, while later groups (or layers) are factorized and quantized.
+    With ``stream`` (GPTAQ: the layer's float inputs recorded), GPTQ runs on :func:`asymmetric_targets`."""
     background = background or _Background(False)
     # The cores a GPTQ window leaves idle: one runs the queued errors, the others split the column loop.
     gptq_threads = gptq_workers(placement.device, reserve=int(background.enabled))
