@@ -233,12 +233,13 @@ def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, max_retries: in
     """
     import numpy as np
 
-    flipped_inverse = _reversed_inverse_factor(hessian, damp_percent, max_retries)
+    flipped_inverse, _ = _reversed_inverse_factor(hessian, damp_percent, max_retries)
     return torch.from_numpy(np.ascontiguousarray(flipped_inverse[::-1, ::-1], dtype=_NUMPY_DTYPES[dtype]))
 
 
 def _reversed_inverse_factor(hessian: torch.Tensor, damp_percent: float, max_retries: int):
-    """``L⁻¹`` of :func:`inverse_cholesky` (float64 numpy, Fortran order, in its own buffer); ``U = J L⁻¹ J``."""
+    """``(L⁻¹, λ)``: ``L⁻¹`` of :func:`inverse_cholesky` (float64 numpy, Fortran order, in its own buffer;
+    ``U = J L⁻¹ J``) and the dampening ``λ`` it added to the diagonal."""
     import numpy as np
     from scipy.linalg import lapack
 
@@ -262,17 +263,18 @@ def _reversed_inverse_factor(hessian: torch.Tensor, damp_percent: float, max_ret
         raise _not_positive_definite(damp)
 
     with single_threaded():
-        return _with_dampening(damp_percent, max_retries, factor)
+        inv, damp = _with_dampening(damp_percent, max_retries, factor)
+    return inv, damp * mean_diag
 
 
 def _with_dampening(damp_percent: float, max_retries: int, factor):
-    """``factor(damp)`` for ``damp = damp_percent`` and then ten times more, ``max_retries`` times, until
-    the Cholesky factorization inside it succeeds (it returns the factor, else None)."""
+    """``(factor(damp), damp)`` for ``damp = damp_percent`` and then ten times more, ``max_retries`` times,
+    until the Cholesky factorization inside it succeeds (it returns the factor, else None)."""
     damp = damp_percent
     for _ in range(max_retries + 1):
         inv = factor(damp)
         if inv is not None:
-            return inv
+            return inv, damp
         damp *= 10
     raise HessianError(f"Cholesky failed even with dampening {damp / 10:g} x mean(diag H); "
                        "use more calibration samples or raise --damp-percent")
@@ -283,11 +285,12 @@ def _not_positive_definite(damp: float) -> HessianError:
                         "use more calibration samples or raise --damp-percent")
 
 
-def _reversed_inverse_factor_torch(hessian: torch.Tensor, damp_percent: float, max_retries: int) -> torch.Tensor:
+def _reversed_inverse_factor_torch(hessian: torch.Tensor, damp_percent: float,
+                                   max_retries: int) -> tuple[torch.Tensor, float]:
     """:func:`_reversed_inverse_factor` with ``torch.linalg`` in float64 on the Hessian's device (CUDA).
 
     The same computation (``L`` = lower Cholesky factor of the damped ``J H J``,
-    returned as ``L⁻¹``), as a torch tensor on ``hessian.device``.
+    returned as ``L⁻¹``, with the dampening ``λ``), as a torch tensor on ``hessian.device``.
     """
     if not torch.isfinite(hessian).all():
         raise HessianError("the Hessian has no positive diagonal (all calibration inputs are zero or not finite)")
@@ -310,7 +313,8 @@ def _reversed_inverse_factor_torch(hessian: torch.Tensor, damp_percent: float, m
             return inv
         raise _not_positive_definite(damp)
 
-    return _with_dampening(damp_percent, max_retries, factor)
+    inv, damp = _with_dampening(damp_percent, max_retries, factor)
+    return inv, damp * mean_diag
 
 
 @dataclass
@@ -328,6 +332,7 @@ class PreparedHessian:
     # float64 [in, in], rows/columns in reversed ``perm`` order: numpy (Fortran order) or a torch tensor
     flipped_inverse: object
     importance: torch.Tensor | None = None  # diag(H) [in] in column order (the clipping search's weights)
+    damping: float = 0.0  # λ added to the diagonal of H before the factorization (dead inputs' 1 aside)
 
     def upper_rows(self, i1: int, i2: int) -> torch.Tensor:
         """Rows ``i1:i2``, columns ``i1:`` of the upper factor ``U``, float32 (the values of ``U.float()``)."""
@@ -357,11 +362,11 @@ def prepare_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order
         perm = torch.argsort(torch.diagonal(h), descending=True)
         h = h[perm][:, perm]
     if lapack:
-        factor = _reversed_inverse_factor(h, damp_percent, max_damp_retries)
+        factor, damping = _reversed_inverse_factor(h, damp_percent, max_damp_retries)
     else:
-        factor = _reversed_inverse_factor_torch(h, damp_percent, max_damp_retries)
+        factor, damping = _reversed_inverse_factor_torch(h, damp_percent, max_damp_retries)
     del h
-    return PreparedHessian(dead, perm, factor, importance)
+    return PreparedHessian(dead, perm, factor, importance, damping)
 
 
 # Threads of the GPTQ column loop on the CPU: at most this many, each with at least MIN_CHUNK_ROWS rows.
@@ -553,7 +558,11 @@ def gptq_quantize_shared(
 
 
 def layer_output_error(weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor) -> float:
-    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``: relative output MSE of the quantized linear on the calibration inputs."""
+    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``: relative output MSE of the quantized linear on the calibration inputs.
+
+    Two ``[out, in] x [in, in]`` products; for a GPTQ result the pipeline takes the numerator from
+    :func:`gptq_error_energy` instead (no product) and the denominator from :func:`output_energy`.
+    """
     w = weight.to(torch.float32)
     h = hessian.to(torch.float32)
     d = w - result.dequantize(torch.float32)
@@ -561,6 +570,35 @@ def layer_output_error(weight: torch.Tensor, result: QuantResult, hessian: torch
     den = float(((w @ h) * w).sum(dtype=torch.float64))
     return num / den if den > 0 else 0.0
 
+
+
+ENERGY_MACS = 1 << 27  # multiply-adds per output_energy chunk: a few milliseconds on one core
+
+
+def output_energy_rows(in_features: int) -> int:
+    """Rows of ``W`` per :func:`output_energy` chunk: about :data:`ENERGY_MACS` multiply-adds."""
+    return max(1, ENERGY_MACS // (in_features * in_features))
+
+
+def output_energy(weight: torch.Tensor, hessian: torch.Tensor, rows: slice = slice(None)) -> float:
+    """``tr(W H Wᵀ)`` over ``rows`` of ``weight`` ``[out, in]``: float32 products, summed in float64
+    (the denominator of :func:`layer_output_error`; chunks of rows add up to the whole)."""
+    w = weight[rows].to(torch.float32)
+    return float(((w @ hessian.to(torch.float32)) * w).sum(dtype=torch.float64))
+
+
+def gptq_error_energy(weight: torch.Tensor, result: QuantResult, prepared: PreparedHessian) -> float:
+    """``tr(ΔW H ΔWᵀ)`` of a GPTQ result, from its column loop's loss instead of a product with ``H``.
+
+    The loop's error feedback makes ``ΔW = E U`` with ``E`` its scaled errors ``(w - q) / U_ii``
+    (``result.loss = ‖E‖² / 2``) and ``U`` the upper Cholesky factor of ``(H + λI)⁻¹``, so
+    ``tr(ΔW (H + λI) ΔWᵀ) = ‖E‖²`` and ``tr(ΔW H ΔWᵀ) = 2·loss - λ‖ΔW‖²`` (``λ = prepared.damping``;
+    traces do not see act-order's permutation). Dead inputs (``H`` zero there) are zeroed before the
+    loop and count in neither term. ``O(out·in)``; equal to the product up to float32 rounding.
+    """
+    d = weight.to(torch.float32) - result.dequantize(torch.float32)
+    d[:, prepared.dead] = 0
+    return max(0.0, 2 * result.loss - prepared.damping * float(d.square().sum(dtype=torch.float64)))
 
 def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """SmoothQuant per-input-channel factors ``s = max|X|^α / max|W|^(1-α)``.

@@ -24,7 +24,6 @@ import ctypes
 import functools
 import json
 import resource
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,9 +41,9 @@ from quant.config import LayerScheme, QuantConfig
 from quant.device import Placement, peak_device_memory_mb, resolve_device
 from quant.errors import QuantInputError
 from quant.export import linear_tensors, quantization_config, write_format_files
-from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize_shared, gptq_workers,
-                        layer_output_error, mirror_lower, prepare_hessian, rtn_quantize, single_threaded,
-                        smoothquant_scales)
+from quant.gptq import (HessianError, PreparedHessian, QuantResult, accumulate_hessian, gptq_error_energy,
+                        gptq_quantize_shared, gptq_workers, layer_output_error, mirror_lower, output_energy,
+                        output_energy_rows, prepare_hessian, rtn_quantize, single_threaded, smoothquant_scales)
 from quant.model import DecoderSkeleton, calibration_dtype, run_layer
 from quant.replay import ReplayCache, find_replays
 
@@ -85,29 +84,14 @@ def _mmap_large_allocations() -> None:
         pass
 
 
-class _SpilledTensor:
-    """A tensor parked in an unnamed temporary file (the page cache, not this process's memory)."""
-
-    def __init__(self, t: torch.Tensor):
-        self.dtype, self.shape = t.dtype, tuple(t.shape)
-        self.file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in load()
-        self.file.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-    def load(self) -> torch.Tensor:
-        buf = torch.empty(self.file.tell(), dtype=torch.uint8)
-        self.file.seek(0)
-        self.file.readinto(memoryview(buf.numpy()))
-        self.file.close()
-        return buf.view(self.dtype).reshape(self.shape)
-
-
 class _Background:
-    """Work off the critical path (each linear's relative output error) done on a second core while the
-    main thread factorizes a Hessian and runs GPTQ's column loop, which use one core.
+    """Work off the critical path (the relative output errors, :func:`_queue_errors`) done on a second
+    core while the main thread factorizes a Hessian and runs GPTQ's column loop, which use one core.
 
     Jobs queue up in order (:meth:`add`); inside :meth:`window` one extra thread with one intra-op
     thread runs them until the window closes (the job it is on is finished, the rest wait for the next
-    window); :meth:`drain` runs what is left. Disabled, :meth:`add` runs the job at once.
+    window: jobs are small, a few milliseconds, so the main thread hardly waits); :meth:`drain` runs
+    what is left. Disabled, :meth:`add` runs the job at once.
     """
 
     def __init__(self, enabled: bool):
@@ -154,11 +138,50 @@ class _Background:
                 self.jobs.popleft()()
 
 
+class _OutputError:
+    """The relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of one GPTQ linear, in background jobs.
+
+    The denominator in row chunks of a few milliseconds each (:meth:`energy_job`, queued before the
+    group's GPTQ window, while ``W`` is unquantized), the numerator from GPTQ's own loss once the
+    result exists (:meth:`finish`, queued after the chunks: no product with ``H``). The chunks add up
+    in a fixed order, each on one intra-op thread: the same error wherever the jobs ran.
+    """
+
+    def __init__(self, weight: torch.Tensor, hessian: torch.Tensor):
+        self.weight, self.hessian = weight, hessian
+        step = output_energy_rows(weight.shape[1])
+        self.chunks = [slice(a, a + step) for a in range(0, weight.shape[0], step)]
+        self.parts: list[float | None] = [None] * len(self.chunks)
+
+    def energy_job(self, k: int) -> None:
+        self.parts[k] = output_energy(self.weight, self.hessian, self.chunks[k])
+        if k == len(self.chunks) - 1:
+            self.hessian = None  # the last chunk: H may go
+
+    def finish(self, errors: dict[str, float], name: str, result: QuantResult, prepared: PreparedHessian) -> None:
+        den = sum(self.parts)
+        errors[name] = gptq_error_energy(self.weight, result, prepared) / den if den > 0 else 0.0
+        self.weight = None
+
+
+def _queue_energies(background: "_Background", linears: dict[str, nn.Module], hessian: torch.Tensor,
+                    ) -> dict[str, _OutputError]:
+    """An :class:`_OutputError` per linear of a group, its denominator's chunks queued on ``background``.
+
+    Queued, a job reads a copy of the weight (it is overwritten with the quantized one after GPTQ)."""
+    pending = {}
+    for name, m in linears.items():
+        w = m.weight.detach()
+        pending[name] = _OutputError(w.clone() if background.enabled else w, hessian)
+        for k in range(len(pending[name].chunks)):
+            background.add(functools.partial(pending[name].energy_job, k))
+    return pending
+
+
 def _record_errors(errors: dict[str, float], linears: list[tuple[str, torch.Tensor, QuantResult]],
-                   hessian: "torch.Tensor | _SpilledTensor") -> None:
-    """``errors[name]`` = the relative output error of each ``(name, weight, result)`` of one input group."""
-    if isinstance(hessian, _SpilledTensor):
-        hessian = hessian.load()
+                   hessian: torch.Tensor) -> None:
+    """``errors[name]`` = the relative output error of each ``(name, weight, result)`` of one input group
+    (round to nearest: no GPTQ loss to read the numerator from)."""
     for name, weight, result in linears:
         errors[name] = layer_output_error(weight, result, hessian)
 
@@ -363,16 +386,16 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                     m.weight.mul_(s)
             h = h / s.unsqueeze(1) / s.unsqueeze(0)
         if config.method == "gptq":
-            # Factorization and column loop on one core; the errors of earlier groups on another.
+            # The errors' denominators tr(W H Wᵀ) (H is needed by nothing else after the factorization).
+            pending = _queue_energies(background, linears, h)
+            # Factorization and column loop on one core; the queued error jobs on another.
             with background.window():
                 try:  # one inverse Hessian for every linear of the group
                     prepared = prepare_hessian(h, config.damp_percent, config.act_order, config.max_damp_retries,
                                                lapack=placement.lapack)
                 except HessianError as exc:
                     raise HessianError(f"{', '.join(todo)}: {exc}") from None
-                # Only the errors need H again: out of memory while the inverse and GPTQ run.
-                if placement.spill_hessian:
-                    h = _SpilledTensor(h)
+                del h  # the queued jobs hold it until they have run
                 by_scheme: dict[LayerScheme, list[str]] = {}
                 for name in todo:
                     by_scheme.setdefault(schemes[name], []).append(name)
@@ -382,18 +405,22 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                                                 prepared=prepared, clip_ratios=config.clip_ratios,
                                                 workers=gptq_threads)
                     results.update(zip(names, outs))
-                del prepared, outs
+                del outs
+            # The numerators from GPTQ's losses, after the denominators' chunks.
+            prepared = PreparedHessian(prepared.dead, prepared.perm, None, damping=prepared.damping)  # factor freed
+            for name in todo:
+                background.add(functools.partial(pending[name].finish, errors, name, results[name], prepared))
+            del prepared, pending
         else:
             results.update((name, rtn_quantize(linears[name].weight, schemes[name])) for name in todo)
-        # Queued (H stays parked until the job runs): the weights are overwritten below, the job keeps copies.
-        todo_results = [(name, linears[name].weight.detach().clone() if background.enabled
-                         else linears[name].weight.detach(), results[name]) for name in todo]
-        background.add(functools.partial(_record_errors, errors, todo_results, h))
-        del todo_results
+            # Queued: the weights are overwritten below, the job keeps copies.
+            todo_results = [(name, linears[name].weight.detach().clone() if background.enabled
+                             else linears[name].weight.detach(), results[name]) for name in todo]
+            background.add(functools.partial(_record_errors, errors, todo_results, h))
+            del todo_results, h
         for name in todo:
             with torch.no_grad():
                 results[name].dequantize_into(linears[name].weight)
-        del h
         _release_freed_memory()
     return results, errors, cache
 

@@ -79,7 +79,7 @@ def _hessian(width: int, n: int, seed: int) -> torch.Tensor:
 def test_torch_factorization_matches_lapack_and_a_float64_reference():
     h = _hessian(96, 400, 0)
     damp = 0.01
-    lapack = torch.from_numpy(_reversed_inverse_factor(h, damp, 0).copy())
+    lapack = torch.from_numpy(_reversed_inverse_factor(h, damp, 0)[0].copy())
     prepared = prepare_hessian(h, damp, lapack=False)
     torch_factor = prepared.flipped_inverse
     assert isinstance(torch_factor, torch.Tensor) and torch_factor.dtype == torch.float64
