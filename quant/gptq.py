@@ -434,24 +434,34 @@ class _ColumnLoop:
         """Quantize ``wt`` ``[in, rows]`` (updated in place) into ``qt``, ``scales`` ``[groups, rows]``
         and ``losses`` ``[rows]`` (views of the whole result's columns)."""
         in_f, gsize, lo, hi = wt.shape[0], self.gsize, self.lo, self.hi
+        # The loop is thousands of tiny ops, bound by their dispatch: views made once per block (unbind),
+        # results written into two work rows, the same arithmetic as q = clamp(round(w / s)),
+        # e = (w - q·s) / U_ii in the same order (the same bits as temporaries would give).
+        scale_rows = scales.unbind(0)  # views: the scales set below show through them
+        qbuf = torch.empty(wt.shape[1], dtype=wt.dtype, device=wt.device)
+        tmp = torch.empty_like(qbuf)
         for i1 in range(0, in_f, self.block_size):
             i2 = min(i1 + self.block_size, in_f)
             w1 = wt[i1:i2]  # a view: updated in place
             err1 = torch.empty_like(w1)
             rows = self.prepared.upper_rows(i1, i2).to(wt.device)  # U[i1:i2, i1:]
             hinv1 = rows[:, :i2 - i1]
-            diag = hinv1.diagonal()
+            w_cols, e_cols, q_cols = w1.unbind(0), err1.unbind(0), qt[i1:i2].unbind(0)
+            h_rows, diag = hinv1.unbind(0), hinv1.diagonal().unbind(0)
+            last = i2 - i1 - 1
             for i in range(i2 - i1):
                 col = i1 + i
                 if not self.static and col % gsize == 0:
                     # Scales from the error-updated weights of the whole group (all inside this block).
                     scales[col // gsize] = self.group_scales(w1[i:i + gsize].t(), col)
-                s = scales[self.col_group[col]]
-                wcol = w1[i]
-                q = torch.clamp(torch.round(wcol / s), lo, hi)
-                qt[col] = q
-                e = torch.div(wcol - q * s, diag[i], out=err1[i])
-                w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
+                s = scale_rows[self.col_group[col]]
+                wcol = w_cols[i]
+                torch.div(wcol, s, out=qbuf).round_().clamp_(lo, hi)
+                q_cols[i].copy_(qbuf)
+                torch.sub(wcol, torch.mul(qbuf, s, out=tmp), out=tmp)
+                torch.div(tmp, diag[i], out=e_cols[i])
+                if i < last:
+                    w1[i + 1:].addr_(h_rows[i][i + 1:], e_cols[i], alpha=-1)
             losses += err1.double().square_().sum(0) / 2
             wt[i2:].addmm_(rows[:, i2 - i1:].t(), err1, alpha=-1)
 
