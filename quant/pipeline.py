@@ -126,10 +126,14 @@ class _Background:
             try:
                 yield
             finally:
-                stop.set()
-                worker.join()
+                self._close(stop, worker)
             if failed:
                 raise failed[0]
+
+    def _close(self, stop: threading.Event, worker: threading.Thread) -> None:
+        """End a window: the worker finishes the job in hand (the main thread waits for it) and stops."""
+        stop.set()
+        worker.join()
 
     def drain(self) -> None:
         """Run what is left here, on one intra-op thread as in a window: the same results wherever a job ran."""
