@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,24 @@ import torch
 from quant.config import LayerScheme
 
 _NUMPY_DTYPES = {torch.float64: "float64", torch.float32: "float32"}
+
+# OpenBLAS (scipy's, with its own pthreads) keeps its idle threads busy-waiting for 2**28 cycles (about
+# 0.1 s) after each call. The calibration passes alternate torch ops (OpenMP threads) with ssyrk
+# (OpenBLAS threads) several times a second, so the spinning thread held the core that torch's second
+# thread needed: on 2 cores the forwards gained nothing from the second thread, and under load the
+# spinning made a run 2x slower (scripts/profile_quant.py). 2**4 cycles: idle threads sleep at once and
+# the next call wakes them. Read by OpenBLAS when it loads, so set before scipy.linalg is imported.
+OPENBLAS_THREAD_TIMEOUT = "4"
+
+
+def _scipy_linalg():
+    """``scipy.linalg``, its OpenBLAS loaded with :data:`OPENBLAS_THREAD_TIMEOUT` unless the environment
+    sets another value or ``scipy.linalg`` is loaded already (then as it was loaded)."""
+    if "scipy.linalg" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
+    import scipy.linalg
+
+    return scipy.linalg
 
 
 class HessianError(RuntimeError):
@@ -152,8 +172,7 @@ def accumulate_hessian(hessian: torch.Tensor | None, nsamples: int, x: torch.Ten
     total = nsamples + n_new
     alpha = 2.0 / total
     if syrk if syrk is not None else x.device.type == "cpu":
-        from scipy.linalg import blas
-
+        blas = _scipy_linalg().blas
         # Column-major views: x.T is [in, n], H (symmetric) is its own transpose. ssyrk writes
         # c = alpha·x.T·x + beta·c into the upper triangle of c, i.e. the lower triangle of H.
         c = hessian.numpy().T
@@ -193,8 +212,9 @@ def np_shares_memory(a, b) -> bool:
 def _blas_threadpools():
     """The BLAS/LAPACK thread pools of this process, found once: ``threadpool_limits`` rescans every loaded
     library on each call (about 10-20 ms, twice per input group of every layer)."""
-    import scipy.linalg  # noqa: F401 - its LAPACK must be loaded before the scan
     from threadpoolctl import ThreadpoolController
+
+    _scipy_linalg()  # its LAPACK must be loaded before the scan
 
     return ThreadpoolController()
 
@@ -241,8 +261,8 @@ def _reversed_inverse_factor(hessian: torch.Tensor, damp_percent: float, max_ret
     """``(L⁻¹, λ)``: ``L⁻¹`` of :func:`inverse_cholesky` (float64 numpy, Fortran order, in its own buffer;
     ``U = J L⁻¹ J``) and the dampening ``λ`` it added to the diagonal."""
     import numpy as np
-    from scipy.linalg import lapack
 
+    lapack = _scipy_linalg().lapack
     n = hessian.shape[0]
     src = hessian.detach().cpu().numpy()[::-1, ::-1]  # J H J, a view
     mean_diag = float(np.diagonal(src).astype(np.float64).mean())
