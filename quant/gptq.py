@@ -624,11 +624,29 @@ def gptq_error_energy(weight: torch.Tensor, result: QuantResult, prepared: Prepa
     (``result.loss = ‖E‖² / 2``) and ``U`` the upper Cholesky factor of ``(H + λI)⁻¹``, so
     ``tr(ΔW (H + λI) ΔWᵀ) = ‖E‖²`` and ``tr(ΔW H ΔWᵀ) = 2·loss - λ‖ΔW‖²`` (``λ = prepared.damping``;
     traces do not see act-order's permutation). Dead inputs (``H`` zero there) are zeroed before the
-    loop and count in neither term. ``O(out·in)``; equal to the product up to float32 rounding.
+    loop and count in neither term. ``O(out·in)``, in chunks of rows small enough to stay in the
+    cache and below the mmap threshold; equal to the product up to float32 rounding.
     """
-    d = weight.to(torch.float32) - result.dequantize(torch.float32)
-    d[:, prepared.dead] = 0
-    return max(0.0, 2 * result.loss - prepared.damping * float(d.square().sum(dtype=torch.float64)))
+    out_f, in_f = weight.shape
+    live = ~prepared.dead if bool(prepared.dead.any()) else None
+    scales = result.scales.to(torch.float32)
+    n_groups = scales.shape[1]
+    gsize = in_f // n_groups
+    # Contiguous groups (the default order): [rows, groups, gsize] views, no gather of the scales.
+    grouped = torch.equal(result.g_idx.long(), torch.arange(in_f, device=result.g_idx.device) // gsize)
+    step = max(1, (1 << 16) // in_f)
+    squares = 0.0
+    for a in range(0, out_f, step):
+        w, q = weight[a:a + step], result.q[a:a + step]
+        if grouped:
+            dq = q.to(torch.float32).view(-1, n_groups, gsize).mul_(scales[a:a + step].unsqueeze(2)).view(q.shape)
+        else:
+            dq = q.to(torch.float32).mul_(scales[a:a + step, result.g_idx.long()])
+        d = torch.sub(w, dq, out=dq) if w.dtype == torch.float32 else w.to(torch.float32).sub_(dq)
+        if live is not None:
+            d = d[:, live]
+        squares += float(d.square_().sum(dtype=torch.float64))
+    return max(0.0, 2 * result.loss - prepared.damping * squares)
 
 def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """SmoothQuant per-input-channel factors ``s = max|X|^α / max|W|^(1-α)``.

@@ -15,7 +15,7 @@ import torch
 from quant import gptq, pipeline
 from quant.clip import clip_ratios
 from quant.config import LayerScheme, QuantConfig
-from quant.gptq import (accumulate_hessian, gptq_error_energy, gptq_quantize_shared, output_energy,
+from quant.gptq import (QuantResult, accumulate_hessian, gptq_error_energy, gptq_quantize_shared, output_energy,
                         output_energy_rows, prepare_hessian)
 from quant.pipeline import quantize_checkpoint
 
@@ -51,6 +51,23 @@ def test_error_energy_from_the_loss_is_the_product_with_h(case):
     assert gptq_error_energy(w, result, prepared) == pytest.approx(num, rel=2e-6)
     step = 37  # uneven chunks add up to the whole
     assert sum(output_energy(w, h, slice(a, a + step)) for a in range(0, 200, step)) == pytest.approx(den, rel=1e-6)
+
+
+def test_error_energy_reads_any_group_order():
+    """Groups relabelled (``g_idx`` not ``i // group_size``, the scales' columns permuted to match):
+    the same dequantized weight, the same energy as the contiguous groups' path."""
+    g = torch.Generator().manual_seed(2)
+    h = accumulate_hessian(None, 0, torch.randn(1000, 128, generator=g))[0]
+    w = torch.randn(40, 128, generator=g) * 0.05
+    prepared = prepare_hessian(h, 0.01)
+    result = gptq_quantize_shared([w], None, LayerScheme("w4a16", 32), prepared=prepared)[0]
+    relabel = torch.tensor([2, 0, 3, 1])
+    scales = torch.empty_like(result.scales)
+    scales[:, relabel] = result.scales
+    shuffled = QuantResult(result.q, scales, relabel[result.g_idx.long()].to(torch.int32), result.scheme, result.loss)
+    assert torch.equal(shuffled.dequantize(), result.dequantize())
+    assert gptq_error_energy(w, shuffled, prepared) == pytest.approx(gptq_error_energy(w, result, prepared), rel=1e-9)
+    assert gptq_error_energy(w, result, prepared) == pytest.approx(_reference(w, result, h)[0], rel=2e-6)
 
 
 def test_error_energy_uses_the_dampening_of_the_retry_that_succeeded():
