@@ -634,7 +634,7 @@ def gptq_error_energy(weight: torch.Tensor, result: QuantResult, prepared: Prepa
     gsize = in_f // n_groups
     # Contiguous groups (the default order): [rows, groups, gsize] views, no gather of the scales.
     grouped = torch.equal(result.g_idx.long(), torch.arange(in_f, device=result.g_idx.device) // gsize)
-    step = max(1, (1 << 16) // in_f)
+    step = max(1, (1 << 16) // in_f) if weight.device.type == "cpu" else out_f  # an accelerator: at once
     squares = 0.0
     for a in range(0, out_f, step):
         w, q = weight[a:a + step], result.q[a:a + step]

@@ -85,7 +85,7 @@ def _mmap_large_allocations() -> None:
 
 
 class _Background:
-    """Work off the critical path (the relative output errors, :func:`_queue_errors`) done on a second
+    """Work off the critical path (the relative output errors, :class:`_OutputError`) done on a second
     core while the main thread factorizes a Hessian and runs GPTQ's column loop, which use one core.
 
     Jobs queue up in order (:meth:`add`); inside :meth:`window` one extra thread with one intra-op
@@ -145,15 +145,16 @@ class _Background:
 class _OutputError:
     """The relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of one GPTQ linear, in background jobs.
 
-    The denominator in row chunks of a few milliseconds each (:meth:`energy_job`, queued before the
-    group's GPTQ window, while ``W`` is unquantized), the numerator from GPTQ's own loss once the
-    result exists (:meth:`finish`, queued after the chunks: no product with ``H``). The chunks add up
-    in a fixed order, each on one intra-op thread: the same error wherever the jobs ran.
+    The denominator in row chunks of a few milliseconds each on the CPU (:meth:`energy_job`, queued
+    before the group's GPTQ window, while ``W`` is unquantized; one chunk on an accelerator, where
+    nothing runs in the background), the numerator from GPTQ's own loss once the result exists
+    (:meth:`finish`, queued after the chunks: no product with ``H``). The chunks add up in a fixed
+    order, each on one intra-op thread: the same error wherever the jobs ran.
     """
 
     def __init__(self, weight: torch.Tensor, hessian: torch.Tensor):
         self.weight, self.hessian = weight, hessian
-        step = output_energy_rows(weight.shape[1])
+        step = output_energy_rows(weight.shape[1]) if weight.device.type == "cpu" else weight.shape[0]
         self.chunks = [slice(a, a + step) for a in range(0, weight.shape[0], step)]
         self.parts: list[float | None] = [None] * len(self.chunks)
 
@@ -417,11 +418,8 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
             del prepared, pending
         else:
             results.update((name, rtn_quantize(linears[name].weight, schemes[name])) for name in todo)
-            # Queued: the weights are overwritten below, the job keeps copies.
-            todo_results = [(name, linears[name].weight.detach().clone() if background.enabled
-                             else linears[name].weight.detach(), results[name]) for name in todo]
-            background.add(functools.partial(_record_errors, errors, todo_results, h))
-            del todo_results, h
+            _record_errors(errors, [(n, linears[n].weight.detach(), results[n]) for n in todo], h)  # no background
+            del h
         for name in todo:
             with torch.no_grad():
                 results[name].dequantize_into(linears[name].weight)
