@@ -163,6 +163,10 @@ class _OutputError:
         if k == len(self.chunks) - 1:
             self.hessian = None  # the last chunk: H may go
 
+    def keep_weight(self) -> None:
+        """Read a copy of the weight from now on (the layer's is overwritten with the quantized one next)."""
+        self.weight = self.weight.clone()
+
     def finish(self, errors: dict[str, float], name: str, result: QuantResult, prepared: PreparedHessian) -> None:
         den = sum(self.parts)
         errors[name] = gptq_error_energy(self.weight, result, prepared) / den if den > 0 else 0.0
@@ -171,13 +175,11 @@ class _OutputError:
 
 def _queue_energies(background: "_Background", linears: dict[str, nn.Module], hessian: torch.Tensor,
                     ) -> dict[str, _OutputError]:
-    """An :class:`_OutputError` per linear of a group, its denominator's chunks queued on ``background``.
-
-    Queued, a job reads a copy of the weight (it is overwritten with the quantized one after GPTQ)."""
+    """An :class:`_OutputError` per linear of a group, its denominator's chunks queued on ``background``
+    (they read the layer's weight, untouched until the group's GPTQ window has closed)."""
     pending = {}
     for name, m in linears.items():
-        w = m.weight.detach()
-        pending[name] = _OutputError(w.clone() if background.enabled else w, hessian)
+        pending[name] = _OutputError(m.weight.detach(), hessian)
         for k in range(len(pending[name].chunks)):
             background.add(functools.partial(pending[name].energy_job, k))
     return pending
@@ -414,6 +416,8 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
             # The numerators from GPTQ's losses, after the denominators' chunks.
             prepared = PreparedHessian(prepared.dead, prepared.perm, None, damping=prepared.damping)  # factor freed
             for name in todo:
+                if background.enabled:  # queued: the weight is overwritten below (copied only now, not in the window)
+                    pending[name].keep_weight()
                 background.add(functools.partial(pending[name].finish, errors, name, results[name], prepared))
             del prepared, pending
         else:

@@ -82,10 +82,10 @@ def test_error_energy_uses_the_dampening_of_the_retry_that_succeeded():
     assert gptq_error_energy(w, result, prepared) == pytest.approx(_reference(w, result, h)[0], rel=1e-5)
 
 
-def test_energy_chunks_are_a_few_milliseconds_of_work():
+def test_energy_chunks_are_a_few_milliseconds_of_work_and_not_too_few_rows():
     assert output_energy_rows(768) * 768 * 768 <= gptq.ENERGY_MACS
-    assert output_energy_rows(2048) * 2048 * 2048 <= gptq.ENERGY_MACS
-    assert output_energy_rows(100_000) == 1
+    assert output_energy_rows(768) > gptq.MIN_ENERGY_ROWS
+    assert output_energy_rows(2048) == output_energy_rows(14336) == gptq.MIN_ENERGY_ROWS
 
 
 @pytest.fixture
@@ -102,7 +102,8 @@ def test_every_linears_error_is_the_float64_product(threads, tiny_llama, tmp_pat
     error against float64 ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` from the Hessian and the unquantized weights that
     GPTQ received. At two threads the jobs run on the second thread, after the weights were overwritten."""
     torch_threads(threads)
-    monkeypatch.setattr(gptq, "ENERGY_MACS", 64 * 64 * 40)  # several chunks per linear on these tiny shapes
+    monkeypatch.setattr(gptq, "ENERGY_MACS", 64 * 64 * 40)  # chunks of 16 rows on these tiny shapes
+    monkeypatch.setattr(gptq, "MIN_ENERGY_ROWS", 16)
     model = tiny_llama(hidden_size=128, intermediate_size=256, num_hidden_layers=2, initializer_range=0.05)
     samples = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(0))
     seen = []  # (H, [(weight copy, result)]) per GPTQ call
