@@ -41,10 +41,10 @@ from quant.config import LayerScheme, QuantConfig
 from quant.device import Placement, peak_device_memory_mb, resolve_device
 from quant.errors import QuantInputError
 from quant.export import linear_tensors, quantization_config, write_format_files
-from quant.gptq import (HessianError, PreparedHessian, QuantResult, accumulate_hessian, gptq_error_energy,
-                        gptq_quantize_shared, gptq_workers, layer_output_error, mirror_lower, output_energy,
-                        output_energy_rows, prepare_hessian, rtn_quantize, single_threaded, smoothquant_scales)
+from quant.gptq import (HessianError, PreparedHessian, QuantResult, accumulate_hessian, gptq_quantize_shared,
+                        gptq_workers, mirror_lower, prepare_hessian, rtn_quantize, single_threaded, smoothquant_scales)
 from quant.model import DecoderSkeleton, calibration_dtype, run_layer
+from quant.output_error import gptq_error_energy, layer_output_error, output_energy, output_energy_rows
 from quant.replay import ReplayCache, find_replays
 
 BATCH_TOKENS = 4096

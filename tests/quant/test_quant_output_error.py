@@ -1,7 +1,7 @@
 """The relative output errors ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of GPTQ linears without the ``ΔW H`` product.
 
-The numerator comes from GPTQ's own loss (``gptq.gptq_error_energy``: ``2·loss - λ‖ΔW‖²``), the
-denominator from row chunks of ``W H`` (``gptq.output_energy``), both run as small background jobs in
+The numerator comes from GPTQ's own loss (``output_error.gptq_error_energy``: ``2·loss - λ‖ΔW‖²``), the
+denominator from row chunks of ``W H`` (``output_error.output_energy``), both run as small background jobs in
 the pipeline (``pipeline._OutputError``). Checked against float64 products with ``H``: on the functions
 (act-order, dead inputs, the clipping search, per-channel int8, a dampening retry) and on every linear of
 a whole run at one and two threads, with the Hessians and unquantized weights captured on the way.
@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant import gptq, pipeline
+from quant import output_error, pipeline
 from quant.clip import clip_ratios
 from quant.config import LayerScheme, QuantConfig
-from quant.gptq import (QuantResult, accumulate_hessian, gptq_error_energy, gptq_quantize_shared, output_energy,
-                        output_energy_rows, prepare_hessian)
+from quant.gptq import QuantResult, accumulate_hessian, gptq_quantize_shared, prepare_hessian
+from quant.output_error import gptq_error_energy, output_energy, output_energy_rows
 from quant.pipeline import quantize_checkpoint
 
 
@@ -83,9 +83,9 @@ def test_error_energy_uses_the_dampening_of_the_retry_that_succeeded():
 
 
 def test_energy_chunks_are_a_few_milliseconds_of_work_and_not_too_few_rows():
-    assert output_energy_rows(768) * 768 * 768 <= gptq.ENERGY_MACS
-    assert output_energy_rows(768) > gptq.MIN_ENERGY_ROWS
-    assert output_energy_rows(2048) == output_energy_rows(14336) == gptq.MIN_ENERGY_ROWS
+    assert output_energy_rows(768) * 768 * 768 <= output_error.ENERGY_MACS
+    assert output_energy_rows(768) > output_error.MIN_ENERGY_ROWS
+    assert output_energy_rows(2048) == output_energy_rows(14336) == output_error.MIN_ENERGY_ROWS
 
 
 @pytest.fixture
@@ -102,8 +102,8 @@ def test_every_linears_error_is_the_float64_product(threads, tiny_llama, tmp_pat
     error against float64 ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` from the Hessian and the unquantized weights that
     GPTQ received. At two threads the jobs run on the second thread, after the weights were overwritten."""
     torch_threads(threads)
-    monkeypatch.setattr(gptq, "ENERGY_MACS", 64 * 64 * 40)  # chunks of 16 rows on these tiny shapes
-    monkeypatch.setattr(gptq, "MIN_ENERGY_ROWS", 16)
+    monkeypatch.setattr(output_error, "ENERGY_MACS", 64 * 64 * 40)  # chunks of 16 rows on these tiny shapes
+    monkeypatch.setattr(output_error, "MIN_ENERGY_ROWS", 16)
     model = tiny_llama(hidden_size=128, intermediate_size=256, num_hidden_layers=2, initializer_range=0.05)
     samples = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(0))
     seen = []  # (H, [(weight copy, result)]) per GPTQ call
