@@ -8,9 +8,8 @@ calibration activations of all samples stay on the device while they fit
 pinned CPU memory and every forward batch is copied over.
 
 On the CPU every move is a no-op and the run is the CPU path as it always
-was; only :attr:`Placement.spill_hessian` (park H in a temporary file while
-GPTQ runs, to save RSS) and the LAPACK factorization
-(:attr:`Placement.lapack`, scipy ``potrf``/``trtri``) are CPU-only. Tests force
+was; only the LAPACK factorization (:attr:`Placement.lapack`, scipy
+``potrf``/``trtri``) is CPU-only. Tests force
 the device branches on the CPU with an explicit :class:`Placement`.
 """
 
@@ -49,7 +48,6 @@ class Placement:
 
     device: torch.device
     activations_on_device: bool = True  # else in CPU memory (pinned when CUDA exists), copied per batch
-    spill_hessian: bool = True  # park H in a temporary file while GPTQ runs (CPU: saves resident memory)
     lapack: bool = True  # scipy potrf/trtri in float64 on the CPU; else torch.linalg on ``device``
 
     @classmethod
@@ -57,7 +55,7 @@ class Placement:
         if device.type == "cpu":
             return cls(device)
         return cls(device, activations_on_device=activation_bytes <= ACTIVATION_SHARE * free_memory(device),
-                   spill_hessian=False, lapack=False)
+                   lapack=False)
 
     def place_activations(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` where :attr:`activations_on_device` says (the CPU copy is dropped when it moves)."""

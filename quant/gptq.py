@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,24 @@ import torch
 from quant.config import LayerScheme
 
 _NUMPY_DTYPES = {torch.float64: "float64", torch.float32: "float32"}
+
+# OpenBLAS (scipy's, with its own pthreads) keeps its idle threads busy-waiting for 2**28 cycles (about
+# 0.1 s) after each call. The calibration passes alternate torch ops (OpenMP threads) with ssyrk
+# (OpenBLAS threads) several times a second, so the spinning thread held the core that torch's second
+# thread needed: on 2 cores the forwards gained nothing from the second thread, and under load the
+# spinning made a run 2x slower (scripts/profile_quant.py). 2**4 cycles: idle threads sleep at once and
+# the next call wakes them. Read by OpenBLAS when it loads, so set before scipy.linalg is imported.
+OPENBLAS_THREAD_TIMEOUT = "4"
+
+
+def _scipy_linalg():
+    """``scipy.linalg``, its OpenBLAS loaded with :data:`OPENBLAS_THREAD_TIMEOUT` unless the environment
+    sets another value or ``scipy.linalg`` is loaded already (then as it was loaded)."""
+    if "scipy.linalg" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
+    import scipy.linalg
+
+    return scipy.linalg
 
 
 class HessianError(RuntimeError):
@@ -152,8 +172,7 @@ def accumulate_hessian(hessian: torch.Tensor | None, nsamples: int, x: torch.Ten
     total = nsamples + n_new
     alpha = 2.0 / total
     if syrk if syrk is not None else x.device.type == "cpu":
-        from scipy.linalg import blas
-
+        blas = _scipy_linalg().blas
         # Column-major views: x.T is [in, n], H (symmetric) is its own transpose. ssyrk writes
         # c = alpha·x.T·x + beta·c into the upper triangle of c, i.e. the lower triangle of H.
         c = hessian.numpy().T
@@ -193,8 +212,9 @@ def np_shares_memory(a, b) -> bool:
 def _blas_threadpools():
     """The BLAS/LAPACK thread pools of this process, found once: ``threadpool_limits`` rescans every loaded
     library on each call (about 10-20 ms, twice per input group of every layer)."""
-    import scipy.linalg  # noqa: F401 - its LAPACK must be loaded before the scan
     from threadpoolctl import ThreadpoolController
+
+    _scipy_linalg()  # its LAPACK must be loaded before the scan
 
     return ThreadpoolController()
 
@@ -233,15 +253,16 @@ def inverse_cholesky(hessian: torch.Tensor, damp_percent: float, max_retries: in
     """
     import numpy as np
 
-    flipped_inverse = _reversed_inverse_factor(hessian, damp_percent, max_retries)
+    flipped_inverse, _ = _reversed_inverse_factor(hessian, damp_percent, max_retries)
     return torch.from_numpy(np.ascontiguousarray(flipped_inverse[::-1, ::-1], dtype=_NUMPY_DTYPES[dtype]))
 
 
 def _reversed_inverse_factor(hessian: torch.Tensor, damp_percent: float, max_retries: int):
-    """``L⁻¹`` of :func:`inverse_cholesky` (float64 numpy, Fortran order, in its own buffer); ``U = J L⁻¹ J``."""
+    """``(L⁻¹, λ)``: ``L⁻¹`` of :func:`inverse_cholesky` (float64 numpy, Fortran order, in its own buffer;
+    ``U = J L⁻¹ J``) and the dampening ``λ`` it added to the diagonal."""
     import numpy as np
-    from scipy.linalg import lapack
 
+    lapack = _scipy_linalg().lapack
     n = hessian.shape[0]
     src = hessian.detach().cpu().numpy()[::-1, ::-1]  # J H J, a view
     mean_diag = float(np.diagonal(src).astype(np.float64).mean())
@@ -262,17 +283,18 @@ def _reversed_inverse_factor(hessian: torch.Tensor, damp_percent: float, max_ret
         raise _not_positive_definite(damp)
 
     with single_threaded():
-        return _with_dampening(damp_percent, max_retries, factor)
+        inv, damp = _with_dampening(damp_percent, max_retries, factor)
+    return inv, damp * mean_diag
 
 
 def _with_dampening(damp_percent: float, max_retries: int, factor):
-    """``factor(damp)`` for ``damp = damp_percent`` and then ten times more, ``max_retries`` times, until
-    the Cholesky factorization inside it succeeds (it returns the factor, else None)."""
+    """``(factor(damp), damp)`` for ``damp = damp_percent`` and then ten times more, ``max_retries`` times,
+    until the Cholesky factorization inside it succeeds (it returns the factor, else None)."""
     damp = damp_percent
     for _ in range(max_retries + 1):
         inv = factor(damp)
         if inv is not None:
-            return inv
+            return inv, damp
         damp *= 10
     raise HessianError(f"Cholesky failed even with dampening {damp / 10:g} x mean(diag H); "
                        "use more calibration samples or raise --damp-percent")
@@ -283,11 +305,12 @@ def _not_positive_definite(damp: float) -> HessianError:
                         "use more calibration samples or raise --damp-percent")
 
 
-def _reversed_inverse_factor_torch(hessian: torch.Tensor, damp_percent: float, max_retries: int) -> torch.Tensor:
+def _reversed_inverse_factor_torch(hessian: torch.Tensor, damp_percent: float,
+                                   max_retries: int) -> tuple[torch.Tensor, float]:
     """:func:`_reversed_inverse_factor` with ``torch.linalg`` in float64 on the Hessian's device (CUDA).
 
     The same computation (``L`` = lower Cholesky factor of the damped ``J H J``,
-    returned as ``L⁻¹``), as a torch tensor on ``hessian.device``.
+    returned as ``L⁻¹``, with the dampening ``λ``), as a torch tensor on ``hessian.device``.
     """
     if not torch.isfinite(hessian).all():
         raise HessianError("the Hessian has no positive diagonal (all calibration inputs are zero or not finite)")
@@ -310,7 +333,8 @@ def _reversed_inverse_factor_torch(hessian: torch.Tensor, damp_percent: float, m
             return inv
         raise _not_positive_definite(damp)
 
-    return _with_dampening(damp_percent, max_retries, factor)
+    inv, damp = _with_dampening(damp_percent, max_retries, factor)
+    return inv, damp * mean_diag
 
 
 @dataclass
@@ -328,6 +352,7 @@ class PreparedHessian:
     # float64 [in, in], rows/columns in reversed ``perm`` order: numpy (Fortran order) or a torch tensor
     flipped_inverse: object
     importance: torch.Tensor | None = None  # diag(H) [in] in column order (the clipping search's weights)
+    damping: float = 0.0  # λ added to the diagonal of H before the factorization (dead inputs' 1 aside)
 
     def upper_rows(self, i1: int, i2: int) -> torch.Tensor:
         """Rows ``i1:i2``, columns ``i1:`` of the upper factor ``U``, float32 (the values of ``U.float()``)."""
@@ -357,11 +382,11 @@ def prepare_hessian(hessian: torch.Tensor, damp_percent: float = 0.01, act_order
         perm = torch.argsort(torch.diagonal(h), descending=True)
         h = h[perm][:, perm]
     if lapack:
-        factor = _reversed_inverse_factor(h, damp_percent, max_damp_retries)
+        factor, damping = _reversed_inverse_factor(h, damp_percent, max_damp_retries)
     else:
-        factor = _reversed_inverse_factor_torch(h, damp_percent, max_damp_retries)
+        factor, damping = _reversed_inverse_factor_torch(h, damp_percent, max_damp_retries)
     del h
-    return PreparedHessian(dead, perm, factor, importance)
+    return PreparedHessian(dead, perm, factor, importance, damping)
 
 
 # Threads of the GPTQ column loop on the CPU: at most this many, each with at least MIN_CHUNK_ROWS rows.
@@ -429,24 +454,34 @@ class _ColumnLoop:
         """Quantize ``wt`` ``[in, rows]`` (updated in place) into ``qt``, ``scales`` ``[groups, rows]``
         and ``losses`` ``[rows]`` (views of the whole result's columns)."""
         in_f, gsize, lo, hi = wt.shape[0], self.gsize, self.lo, self.hi
+        # The loop is thousands of tiny ops, bound by their dispatch: views made once per block (unbind),
+        # results written into two work rows, the same arithmetic as q = clamp(round(w / s)),
+        # e = (w - q·s) / U_ii in the same order (the same bits as temporaries would give).
+        scale_rows = scales.unbind(0)  # views: the scales set below show through them
+        qbuf = torch.empty(wt.shape[1], dtype=wt.dtype, device=wt.device)
+        tmp = torch.empty_like(qbuf)
         for i1 in range(0, in_f, self.block_size):
             i2 = min(i1 + self.block_size, in_f)
             w1 = wt[i1:i2]  # a view: updated in place
             err1 = torch.empty_like(w1)
             rows = self.prepared.upper_rows(i1, i2).to(wt.device)  # U[i1:i2, i1:]
             hinv1 = rows[:, :i2 - i1]
-            diag = hinv1.diagonal()
+            w_cols, e_cols, q_cols = w1.unbind(0), err1.unbind(0), qt[i1:i2].unbind(0)
+            h_rows, diag = hinv1.unbind(0), hinv1.diagonal().unbind(0)
+            last = i2 - i1 - 1
             for i in range(i2 - i1):
                 col = i1 + i
                 if not self.static and col % gsize == 0:
                     # Scales from the error-updated weights of the whole group (all inside this block).
                     scales[col // gsize] = self.group_scales(w1[i:i + gsize].t(), col)
-                s = scales[self.col_group[col]]
-                wcol = w1[i]
-                q = torch.clamp(torch.round(wcol / s), lo, hi)
-                qt[col] = q
-                e = torch.div(wcol - q * s, diag[i], out=err1[i])
-                w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
+                s = scale_rows[self.col_group[col]]
+                wcol = w_cols[i]
+                torch.div(wcol, s, out=qbuf).round_().clamp_(lo, hi)
+                q_cols[i].copy_(qbuf)
+                torch.sub(wcol, torch.mul(qbuf, s, out=tmp), out=tmp)
+                torch.div(tmp, diag[i], out=e_cols[i])
+                if i < last:
+                    w1[i + 1:].addr_(h_rows[i][i + 1:], e_cols[i], alpha=-1)
             losses += err1.double().square_().sum(0) / 2
             wt[i2:].addmm_(rows[:, i2 - i1:].t(), err1, alpha=-1)
 
@@ -550,16 +585,6 @@ def gptq_quantize_shared(
                                    float(losses[rows].sum())))
         start += n
     return results
-
-
-def layer_output_error(weight: torch.Tensor, result: QuantResult, hessian: torch.Tensor) -> float:
-    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``: relative output MSE of the quantized linear on the calibration inputs."""
-    w = weight.to(torch.float32)
-    h = hessian.to(torch.float32)
-    d = w - result.dequantize(torch.float32)
-    num = float(((d @ h) * d).sum(dtype=torch.float64))
-    den = float(((w @ h) * w).sum(dtype=torch.float64))
-    return num / den if den > 0 else 0.0
 
 
 def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:

@@ -24,7 +24,6 @@ import ctypes
 import functools
 import json
 import resource
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,10 +42,10 @@ from quant.device import Placement, peak_device_memory_mb, resolve_device
 from quant.errors import QuantInputError
 from quant.export import linear_tensors, quantization_config, write_format_files
 from quant.gptaq import FloatStream, asymmetric_targets
-from quant.gptq import (HessianError, QuantResult, accumulate_hessian, gptq_quantize_shared, gptq_workers,
-                        layer_output_error, mirror_lower, prepare_hessian, rtn_quantize, single_threaded,
-                        smoothquant_scales)
+from quant.gptq import (HessianError, PreparedHessian, QuantResult, accumulate_hessian, gptq_quantize_shared,
+                        gptq_workers, mirror_lower, prepare_hessian, rtn_quantize, single_threaded, smoothquant_scales)
 from quant.model import DecoderSkeleton, calibration_dtype, run_layer
+from quant.output_error import queue_energies, record_errors
 from quant.replay import ReplayCache, find_replays
 
 BATCH_TOKENS = 4096
@@ -86,29 +85,14 @@ def _mmap_large_allocations() -> None:
         pass
 
 
-class _SpilledTensor:
-    """A tensor parked in an unnamed temporary file (the page cache, not this process's memory)."""
-
-    def __init__(self, t: torch.Tensor):
-        self.dtype, self.shape = t.dtype, tuple(t.shape)
-        self.file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in load()
-        self.file.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-    def load(self) -> torch.Tensor:
-        buf = torch.empty(self.file.tell(), dtype=torch.uint8)
-        self.file.seek(0)
-        self.file.readinto(memoryview(buf.numpy()))
-        self.file.close()
-        return buf.view(self.dtype).reshape(self.shape)
-
-
 class _Background:
-    """Work off the critical path (each linear's relative output error) done on a second core while the
-    main thread factorizes a Hessian and runs GPTQ's column loop, which use one core.
+    """Work off the critical path (the relative output errors, :class:`quant.output_error.OutputError`) done on a second
+    core while the main thread factorizes a Hessian and runs GPTQ's column loop, which use one core.
 
     Jobs queue up in order (:meth:`add`); inside :meth:`window` one extra thread with one intra-op
     thread runs them until the window closes (the job it is on is finished, the rest wait for the next
-    window); :meth:`drain` runs what is left. Disabled, :meth:`add` runs the job at once.
+    window: jobs are small, a few milliseconds, so the main thread hardly waits); :meth:`drain` runs
+    what is left. Disabled, :meth:`add` runs the job at once.
     """
 
     def __init__(self, enabled: bool):
@@ -143,25 +127,20 @@ class _Background:
             try:
                 yield
             finally:
-                stop.set()
-                worker.join()
+                self._close(stop, worker)
             if failed:
                 raise failed[0]
+
+    def _close(self, stop: threading.Event, worker: threading.Thread) -> None:
+        """End a window: the worker finishes the job in hand (the main thread waits for it) and stops."""
+        stop.set()
+        worker.join()
 
     def drain(self) -> None:
         """Run what is left here, on one intra-op thread as in a window: the same results wherever a job ran."""
         with single_threaded():
             while self.jobs:
                 self.jobs.popleft()()
-
-
-def _record_errors(errors: dict[str, float], linears: list[tuple[str, torch.Tensor, QuantResult]],
-                   hessian: "torch.Tensor | _SpilledTensor") -> None:
-    """``errors[name]`` = the relative output error of each ``(name, weight, result)`` of one input group."""
-    if isinstance(hessian, _SpilledTensor):
-        hessian = hessian.load()
-    for name, weight, result in linears:
-        errors[name] = layer_output_error(weight, result, hessian)
 
 
 def peak_rss_mb() -> float:
@@ -380,7 +359,10 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
             if stream is not None:  # D, like H, in the smoothed inputs x / s
                 stream.cross[names0[index]] = stream.cross[names0[index]] / s.unsqueeze(1) / s.unsqueeze(0)
         if config.method == "gptq":
-            # Factorization and column loop on one core; the errors of earlier groups on another.
+            # The errors' denominators tr(W H Wᵀ) (H is needed by nothing else after the factorization).
+            # GPTAQ: GPTQ's loss measures the targets, not W, so its errors take the products (after the window).
+            pending = queue_energies(background, linears, h) if stream is None else None
+            # Factorization and column loop on one core; the queued error jobs on another.
             with background.window():
                 try:  # one inverse Hessian for every linear of the group
                     prepared = prepare_hessian(h, config.damp_percent, config.act_order, config.max_damp_retries,
@@ -392,9 +374,8 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                     targets = dict(zip(todo, asymmetric_targets([linears[n].weight for n in todo],
                                                                 stream.cross[names0[index]], h,
                                                                 config.damp_percent, config.gptaq_alpha)))
-                # Only the errors need H again: out of memory while the inverse and GPTQ run.
-                if placement.spill_hessian:
-                    h = _SpilledTensor(h)
+                else:
+                    del h  # the queued jobs hold it until they have run
                 by_scheme: dict[LayerScheme, list[str]] = {}
                 for name in todo:
                     by_scheme.setdefault(schemes[name], []).append(name)
@@ -404,18 +385,24 @@ def quantize_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, kwargs: 
                                                 prepared=prepared, clip_ratios=config.clip_ratios,
                                                 workers=gptq_threads)
                     results.update(zip(names, outs))
-                del prepared, outs, targets
+                del outs, targets
+            if stream is not None:  # GPTAQ: the products, before the weights are overwritten below
+                record_errors(errors, [(n, linears[n].weight.detach(), results[n]) for n in todo], h)
+                del h, prepared
+            else:  # the numerators from GPTQ's losses, after the denominators' chunks
+                prepared = PreparedHessian(prepared.dead, prepared.perm, None, damping=prepared.damping)  # factor freed
+                for name in todo:
+                    if background.enabled:  # queued: the weight is overwritten below (copied only now)
+                        pending[name].keep_weight()
+                    background.add(functools.partial(pending[name].finish, errors, name, results[name], prepared))
+                del prepared, pending
         else:
             results.update((name, rtn_quantize(linears[name].weight, schemes[name])) for name in todo)
-        # Queued (H stays parked until the job runs): the weights are overwritten below, the job keeps copies.
-        todo_results = [(name, linears[name].weight.detach().clone() if background.enabled
-                         else linears[name].weight.detach(), results[name]) for name in todo]
-        background.add(functools.partial(_record_errors, errors, todo_results, h))
-        del todo_results
+            record_errors(errors, [(n, linears[n].weight.detach(), results[n]) for n in todo], h)  # no background
+            del h
         for name in todo:
             with torch.no_grad():
                 results[name].dequantize_into(linears[name].weight)
-        del h
         _release_freed_memory()
     return results, errors, cache
 

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     view = first_layers_view(model, workdir / f"first-{n}", n)
     few = samples[:args.compare_samples]
     # On the CPU the "device" run takes every device branch and the torch.linalg factorization.
-    forced = Placement(device, activations_on_device=False, spill_hessian=False, lapack=False) \
+    forced = Placement(device, activations_on_device=False, lapack=False) \
         if device.type == "cpu" else None
     t1 = time.perf_counter()
     dev = quantize(view, workdir / "cmp-device", few, str(device), args.group_size, forced, args.compare_dtype)

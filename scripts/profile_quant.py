@@ -6,7 +6,7 @@ Runs ``quant.pipeline.quantize_checkpoint`` once with the defaults (w4a16 g128, 
 ``lm_head`` ignored) on the model and calibration windows ``scripts/bench_quant.py`` made (run it
 once first), with the pipeline's phases wrapped in timers. ``cpu/wall`` near the thread count means
 the phase keeps every core busy, near 1 that it runs on one core. A phase that runs on the background
-thread (the errors, ``_record_errors``) is timed there, so the phases add up to more than the total.
+thread (the errors' jobs, ``output_error.OutputError``) is timed there, so the phases add up to more than the total.
 Set ``OMP_NUM_THREADS`` (and ``OPENBLAS_NUM_THREADS``) to profile other thread counts.
 """
 
@@ -29,7 +29,9 @@ PHASES = {  # module attribute -> phase
     "pipeline.prepare_hessian": "factorization (potrf + trtri)",
     "pipeline.gptq_quantize_shared": "GPTQ column loop",
     "clip.search_scales": "clipping search (in the loop)",
-    "pipeline._record_errors": "relative output errors",
+    "output_error.OutputError.energy_job": "error denominators tr(W H W^T)",
+    "output_error.OutputError.finish": "error numerators (GPTQ's loss)",
+    "pipeline._Background._close": "window end: wait for the job in hand",
     "pipeline._propagate": "output pass",
     "pipeline._discover_groups": "group discovery",
     "pipeline.DecoderSkeleton.load_layer": "layer load",
@@ -50,10 +52,10 @@ def main() -> int:
         import torch
         import transformers.models.auto.modeling_auto  # noqa: F401 - what the pipeline imports when it runs
 
-        from quant import clip, gptq, pipeline
+        from quant import clip, gptq, output_error, pipeline
         from quant.config import QuantConfig
 
-    modules = {"gptq": gptq, "pipeline": pipeline, "clip": clip}
+    modules = {"gptq": gptq, "pipeline": pipeline, "clip": clip, "output_error": output_error}
     totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0])
 
     def timed(phase, fn):

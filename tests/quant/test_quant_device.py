@@ -26,8 +26,8 @@ from quant.gptq import HessianError, _reversed_inverse_factor, accumulate_hessia
 from quant.pipeline import quantize_checkpoint
 
 CPU = torch.device("cpu")
-DEVICE_BRANCHES = Placement(CPU, activations_on_device=False, spill_hessian=False, lapack=True)
-CUDA_LIKE = Placement(CPU, activations_on_device=False, spill_hessian=False, lapack=False)
+DEVICE_BRANCHES = Placement(CPU, activations_on_device=False, lapack=True)
+CUDA_LIKE = Placement(CPU, activations_on_device=False, lapack=False)
 
 CONFIGS = {
     # grouped int4 (scales from error-updated weights), true-sequential, one linear per layer in w8a8
@@ -83,7 +83,7 @@ def _hessian(width: int, n: int, seed: int) -> torch.Tensor:
 def test_torch_factorization_matches_lapack_and_a_float64_reference():
     h = _hessian(96, 400, 0)
     damp = 0.01
-    lapack = torch.from_numpy(_reversed_inverse_factor(h, damp, 0).copy())
+    lapack = torch.from_numpy(_reversed_inverse_factor(h, damp, 0)[0].copy())
     prepared = prepare_hessian(h, damp, lapack=False)
     torch_factor = prepared.flipped_inverse
     assert isinstance(torch_factor, torch.Tensor) and torch_factor.dtype == torch.float64
@@ -173,5 +173,5 @@ def test_activations_stay_on_the_device_while_they_fit(monkeypatch):
     offloaded = Placement.for_run(cuda, int(1000 * quant.device.ACTIVATION_SHARE) + 1)
     assert resident.activations_on_device and not offloaded.activations_on_device
     for p in (resident, offloaded):  # the CUDA configuration: H stays on the device, torch.linalg factorizes
-        assert not p.spill_hessian and not p.lapack
+        assert not p.lapack
     assert Placement.for_run(CPU, 10**15) == Placement(CPU)  # the CPU path, whatever the size
