@@ -254,21 +254,23 @@ def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
 
 
 def huge_page_bytes(tensors) -> tuple[int, int]:
-    """``(bytes, huge)``: the size of the memory mappings that hold ``tensors`` and how much of
-    them is on transparent huge pages (``AnonHugePages`` in ``/proc/self/smaps``); (0, 0) where
-    that file is missing. Mappings are counted whole, once."""
+    """``(bytes, huge)``: the bytes of ``tensors`` (each counted once) and how many of them lie on
+    transparent huge pages, from ``AnonHugePages`` in ``/proc/self/smaps``: per mapping, the smaller
+    of its huge bytes and its overlap with the tensors (exact where a mapping holds only them).
+    ``(bytes, 0)`` where that file is missing."""
+    spans = sorted({(t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors})
+    total = sum(b - a for a, b in spans)
     try:
         text = Path("/proc/self/smaps").read_text()
     except OSError:
-        return 0, 0
-    spans = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors]
-    total = huge = 0
+        return total, 0
+    huge = 0
     for vma in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text):
         lo, hi = (int(a, 16) for a in vma.split(" ", 1)[0].split("-"))
-        if any(a < hi and b > lo for a, b in spans):
-            total += hi - lo
-            found = re.search(r"^AnonHugePages:\s+(\d+) kB", vma, re.M)
-            huge += int(found.group(1)) * 1024 if found else 0
+        overlap = sum(max(0, min(b, hi) - max(a, lo)) for a, b in spans)
+        found = re.search(r"^AnonHugePages:\s+(\d+) kB", vma, re.M)
+        if overlap and found:
+            huge += min(overlap, int(found.group(1)) * 1024)
     return total, huge
 
 

@@ -200,13 +200,14 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tens
   return int4_gemm(x, qw, sc, group_size, isa, act);
 }
 
-// A copy of t whose storage starts on a 2 MiB boundary and is advised
-// MADV_HUGEPAGE, so that the kernel backs it with transparent huge pages where
-// they are enabled ("always" or "madvise") and free. The hardware prefetchers
-// stop at page boundaries: a 4 KiB page ends a prefetch stream every 64 blocks
-// of a tile. Elsewhere (no THP, not Linux, or madvise refused) it is the same
-// copy on whatever pages the kernel gives. Tensors under 2 MiB are returned as
-// they are (contiguous).
+// A copy of t in a fresh anonymous mapping that starts on a 2 MiB boundary
+// and is advised MADV_HUGEPAGE before its first touch, so that the kernel
+// backs it with transparent huge pages where they are enabled ("always" or
+// "madvise") and free. (Memory from malloc may be reused, already faulted in
+// on 4 KiB pages, which the advice does not change.) The hardware prefetchers
+// stop at page boundaries: on 4 KiB pages a tile's stream crosses one every
+// 64 blocks. Elsewhere (no THP, not Linux, advice refused) it is the same copy
+// on ordinary pages. Tensors under 2 MiB are returned as they are (contiguous).
 constexpr size_t kHugePage = size_t(2) << 20;
 
 at::Tensor huge_pages(const at::Tensor& t) {
@@ -214,13 +215,22 @@ at::Tensor huge_pages(const at::Tensor& t) {
   const size_t bytes = c.nbytes();
   if (bytes < kHugePage) return c;
   const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  void* raw = mmap(nullptr, size + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(raw != MAP_FAILED, "int4_huge_pages: cannot map ", size, " bytes");
+  const uintptr_t start = reinterpret_cast<uintptr_t>(raw), aligned = (start + kHugePage - 1) & ~(kHugePage - 1);
+  if (aligned > start) munmap(raw, aligned - start);  // trim to [aligned, aligned + size)
+  if (start + kHugePage > aligned) munmap(reinterpret_cast<void*>(aligned + size), start + kHugePage - aligned);
+  void* mem = reinterpret_cast<void*>(aligned);
+  madvise(mem, size, MADV_HUGEPAGE);  // advice only: on failure the copy stays on small pages
+  auto release = [size](void* q) { munmap(q, size); };
+#else
   void* mem = std::aligned_alloc(kHugePage, size);
   TORCH_CHECK(mem != nullptr, "int4_huge_pages: cannot allocate ", size, " bytes");
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  madvise(mem, size, MADV_HUGEPAGE);  // advice only: on failure the copy stays on small pages
+  auto release = [](void* q) { std::free(q); };
 #endif
   std::memcpy(mem, c.data_ptr(), bytes);  // first touch: the pages are faulted in here, huge where they can be
-  return at::from_blob(mem, c.sizes(), c.strides(), [](void* q) { std::free(q); }, c.options());
+  return at::from_blob(mem, c.sizes(), c.strides(), release, c.options());
 }
 
 // Reads every byte of buf with 512-bit loads (256-bit without AVX-512) in
