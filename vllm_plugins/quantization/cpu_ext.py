@@ -41,8 +41,8 @@ and on 4 KiB pages a tile's stream crosses one every 64 blocks, so the layers
 keep their packed weights on transparent huge pages (:func:`on_huge_pages`:
 2 MiB aligned, ``MADV_HUGEPAGE``; THP ``madvise`` or ``always`` in
 ``/sys/kernel/mm/transparent_hugepage/enabled``). Here one core read a 4 KiB-page
-buffer at ~19 GB/s and a huge-page one at ~33 GB/s; the kernel's one-row
-pass rose by ~40% (``scripts/bench_int4_cpu.py --pages``).
+buffer at 19-28 GB/s with one stream and a huge-page one at 30-33 GB/s; the
+kernel's one-row pass rose by ~28% (19.7 to 25.3 GB/s, ``scripts/bench_int4_cpu.py --pages``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 // attribute; called only where the CPU reports the flags (avx512bf16_supported).
 //
 // Per 64-byte block: one load, four vdpbf16ps, each taking its activation pair
-// as an embedded broadcast ({1to16}: the load unit broadcasts, no shuffle), and
+// as an embedded broadcast ({1to16}: folded into its memory operand), and
 // seven unpack instructions, or six where the CPU has AVX512-VBMI2: there the
 // fourth nibble is one vpshrdw ((0x0430:w) >> 12 = 0x4300 | w >> 12). Both by
 // inline assembly, so the function's target needs no VBMI2 (AVX512-BF16 CPUs
