@@ -9,11 +9,12 @@
 // into the row's total (128 + u - 136 = u - 8). Compiled with a target
 // attribute; called only where the CPU reports the flags (avx512bf16_supported).
 //
-// Per 64-byte block: one load, four vdpbf16ps, at one row each taking its
-// activation pair as an embedded broadcast ({1to16}: folded into its memory
-// operand), and
-// seven unpack instructions, or six where the CPU has AVX512-VBMI2: there the
-// fourth nibble is one vpshrdw ((0x0430:w) >> 12 = 0x4300 | w >> 12). Both by
+// Per 64-byte block at one row: one load (kept in a register), four vdpbf16ps,
+// each taking its activation pair as an embedded broadcast ({1to16}: folded
+// into its memory operand), and seven unpack instructions, or six where the CPU
+// has AVX512-VBMI2: there the fourth nibble is one vpshrdw ((0x0430:w) >> 12 =
+// 0x4300 | w >> 12). With 2+ rows the loop is as before (with these, 16-32 rows
+// measured 4-5% slower). Both by
 // inline assembly, so the function's target needs no VBMI2 (AVX512-BF16 CPUs
 // without it, Cooper Lake, run the seven). One row, 0.5B shapes, from cache:
 // 33 GB/s of weights before, 39 GB/s with both (Zen 4), so the arithmetic no
@@ -51,8 +52,7 @@ VP_AVX512 inline __m512bh pair_of(const uint16_t* x) {  // x[0], x[1] in every 3
 }
 
 // acc + q . (x[0], x[1] in every 32-bit lane): vdpbf16ps with an embedded broadcast
-// (one row; with several rows a broadcast register per row, shared by the tiles, measured
-// 4-6% faster at 16-32 rows).
+// (one row; with several rows a broadcast register per row, shared by the tiles, as before).
 VP_AVX512 inline __m512 dot_pair(__m512 acc, __m512bh q, const uint16_t* x) {
   asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(q), "m"(*reinterpret_cast<const int32_t*>(x)));
   return acc;
@@ -107,7 +107,7 @@ VP_AVX512 void block(const uint16_t* x, const float* xoff, const Problem& p, int
         if (MB > 1)
           for (int b = 0; b < MB; ++b) xp[b] = pair_of(xc + b * p.k + 2 * i);
         for (int v = 0; v < NV; ++v) {
-          const __m512bh q = unpack<kVbmi2>(wv[v], i, low4, bias, hi_bias);
+          const __m512bh q = unpack<kVbmi2 && MB == 1>(wv[v], i, low4, bias, hi_bias);
           for (int b = 0; b < MB; ++b)
             acc[i % NA][b][v] = MB == 1 ? dot_pair(acc[i % NA][b][v], q, xc + 2 * i)
                                         : _mm512_dpbf16_ps(acc[i % NA][b][v], q, xp[b]);
