@@ -19,18 +19,28 @@ Kinds take turns within each repeat (so the load of a shared machine falls on
 all of them alike) and the table shows the fastest repeat, in ms per step, and
 each kind's speed-up over ``bf16 vLLM`` (``bf16`` where vLLM's op is missing).
 
+The tile weights sit on transparent huge pages, as the layers keep them
+(``cpu_ext.on_huge_pages``; ``--pages small`` leaves them on torch's 4 KiB pages); the
+bench prints how much of their mappings the OS really gave as huge pages.
+
 At 1 row it also prints this core's streaming read bandwidth and each tile
 path's weight bytes per second (packed nibbles + float32 scales: every byte the
-kernel reads besides the activations) as a share of it. The streaming read is
-``torch.sum`` and ``torch.amax`` over a float32 buffer of ``--stream-mib`` (far beyond
-the L3), on the same threads: aten's vectorized reductions, plain 512-bit loads
-on an AVX-512 CPU, no prefetch hints, faster here than a hand-written AVX-512 OR
-loop. It takes turns with the kinds inside the 1-row repeats, so both see the
-same machine (its bandwidth varied by 20% between minutes on the shared VM), and
-its fastest pass counts, like the kinds'; the median of the per-repeat shares
-(kind and read back to back) is printed too, and the target line takes the lower.
+kernel reads besides the activations) as a share of it. The reference is the
+fastest of six plain streaming reads over ``--stream-mib`` (far beyond the L3), on the
+same threads: ``torch.sum``, ``torch.amax`` (aten's vectorized reductions) and a
+plain C++ AVX-512 OR loop (``cpu_ext.stream_read``), each over a buffer on 4 KiB
+pages and over one on huge pages. On this VM one core reads huge pages ~1.6x
+faster, so the reference never gains from the pages the weights sit on. The
+reads take turns with the kinds inside the 1-row repeats, so both see the same
+machine (its bandwidth varied by 20% between minutes on the shared VM), and the
+fastest pass counts, like the kinds'; the median of the per-repeat shares (kind
+and reads back to back) is printed too, and the target line takes the lower.
 
-    python scripts/bench_int4_cpu.py [--threads 1] [--isa avx512bf16,avx2] [--rows 1,2,4,8,16,32]
+With ``--threads N`` (N > 1) the 1-row repeats also time ``bf16 vLLM`` and the tile
+paths on one thread, and the thread line compares the tile kernel's speed-up over
+``bf16 vLLM`` at N threads with the one at 1 thread (target: within 10%).
+
+    python scripts/bench_int4_cpu.py [--threads 1] [--isa avx512bf16,avx2] [--rows 1,2,4,8,16,32] [--pages huge]
 """
 
 from __future__ import annotations
@@ -60,7 +70,7 @@ def vllm_onednn():
     return ops
 
 
-def build(hidden: int, intermediate: int, layers: int, group_size: int, ops):
+def build(hidden: int, intermediate: int, layers: int, group_size: int, ops, huge: bool):
     from vllm_plugins.quantization import cpu_ext
     from vllm_plugins.quantization.cpu_int4 import pack_for_cpu
 
@@ -73,6 +83,8 @@ def build(hidden: int, intermediate: int, layers: int, group_size: int, ops):
             s = (torch.rand(k // group_size, n, generator=gen) * 0.01).to(torch.bfloat16)
             packed, g, sz = pack_for_cpu(u, s, group_size, torch.bfloat16)
             qw, sc = cpu_ext.pack_tiles(u, s.float(), group_size)
+            if huge:  # as TileInt4CPULinearKernel keeps them
+                qw, sc = cpu_ext.on_huge_pages(qw), cpu_ext.on_huge_pages(sc)
             bf16 = ((u - 8).to(torch.bfloat16) * 0.01).contiguous()
             w = {"k": k, "bf16": bf16, "aten": (packed, g, sz), "tile": (qw, sc)}
             if ops is not None:
@@ -98,14 +110,27 @@ def step(weights, xs, kind: str, group_size: int, ops) -> None:
             cpu_ext.linear(x, *w["tile"], group_size, isa=kind.split()[-1])
 
 
-def stream_read(buf: torch.Tensor) -> float:
-    """Seconds of the faster of two plain streaming reads of ``buf`` (sum, amax)."""
-    best = float("inf")
-    for reduce in (torch.sum, torch.amax):
-        t0 = time.perf_counter()
-        reduce(buf)
-        best = min(best, time.perf_counter() - t0)
-    return best
+READERS = {"sum": torch.sum, "amax": torch.amax, "C++ AVX-512": None}  # None: cpu_ext.stream_read
+
+
+def stream_reads(bufs: dict) -> dict:
+    """Seconds of one plain streaming read of each buffer by each reader, keyed "reader, pages"."""
+    from vllm_plugins.quantization import cpu_ext
+
+    took = {}
+    for pages, buf in bufs.items():
+        for name, reduce in READERS.items():
+            t0 = time.perf_counter()
+            reduce(buf) if reduce is not None else cpu_ext.stream_read(buf)
+            took[f"{name}, {pages}"] = time.perf_counter() - t0
+    return took
+
+
+def pages_line(what: str, tensors) -> str:
+    from vllm_plugins.quantization import cpu_ext
+
+    total, huge = cpu_ext.huge_page_bytes(tensors)
+    return f"{what}: {huge / 2**20:.0f} of {total / 2**20:.0f} MiB on huge pages"
 
 
 def print_int8_error(weights, group_size: int, isa: str) -> None:
@@ -142,7 +167,10 @@ def main() -> int:
     p.add_argument("--int8", choices=("auto", "no"), default="auto",
                    help="auto: add the int8-activation path where the CPU has AVX512-VNNI")
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--stream-mib", type=int, default=1024, help="buffer for the read bandwidth (0: skip)")
+    p.add_argument("--stream-mib", type=int, default=512,
+                   help="each of the two read buffers (4 KiB pages, huge pages), MiB (0: skip)")
+    p.add_argument("--pages", choices=("huge", "small"), default="huge",
+                   help="tile weights on transparent huge pages (as the layers keep them) or torch's own pages")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not cpu_ext.load():
@@ -154,7 +182,7 @@ def main() -> int:
             print(f"--isa {isa}: this CPU cannot run that path (it runs {', '.join(cpu_ext.supported_isas())})")
             return 2
     ops = vllm_onednn()
-    weights = build(args.hidden, args.intermediate, args.layers, args.group_size, ops)
+    weights = build(args.hidden, args.intermediate, args.layers, args.group_size, ops, args.pages == "huge")
     n_params = sum(w["bf16"].numel() for w in weights)
     tile_bytes = sum(w["tile"][0].numel() + w["tile"][1].numel() * 4 for w in weights)
     base = "bf16 vLLM" if ops is not None else "bf16"
@@ -164,11 +192,16 @@ def main() -> int:
     print(f"\nLinears of one step: {n_params / 1e6:.0f}M weights ({args.layers} layers, hidden {args.hidden}, "
           f"intermediate {args.intermediate}), group {args.group_size}, {args.threads} thread(s); "
           f"fastest of {args.repeats}, ms per step; speed-up = {base} time / kind time")
+    print(pages_line(f"tile weights and scales (--pages {args.pages})", [t for w in weights for t in w["tile"]]))
     print("| rows | " + " | ".join(kinds) + " | " + " | ".join(f"{k} vs {base}" for k in kinds if k != base) + " |")
     print("|---" * (2 * len(kinds)) + "|")
     one_row = {}
-    buf = torch.ones(args.stream_mib * 2**20 // 4, dtype=torch.float32) if args.stream_mib else None
-    passes = {"stream": []}  # 1 row: seconds of each repeat, kinds and the streaming read
+    bufs = {}
+    if args.stream_mib:
+        small = torch.ones(args.stream_mib * 2**20 // 4, dtype=torch.float32)
+        bufs = {"4 KiB pages": small, "huge pages": cpu_ext.on_huge_pages(small)}
+    one_thread = [base, *tiles] if args.threads > 1 else []  # also timed on 1 thread at 1 row
+    passes = {}  # 1 row: seconds of each repeat, per kind (and "kind @1") and per read
     for rows in (int(r) for r in args.rows.split(",")):
         xs = {k: torch.randn(rows, k).to(torch.bfloat16) for k in (args.hidden, args.intermediate)}
         best = {kind: float("inf") for kind in kinds}
@@ -182,22 +215,35 @@ def main() -> int:
                 best[kind] = min(best[kind], took)
                 if rows == 1:
                     passes.setdefault(kind, []).append(took)
-            if rows == 1 and buf is not None:
-                passes["stream"].append(stream_read(buf))
+            if rows == 1:
+                for name, took in stream_reads(bufs).items():
+                    passes.setdefault(name, []).append(took)
+                if one_thread:
+                    torch.set_num_threads(1)
+                    for kind in one_thread:
+                        t0 = time.perf_counter()
+                        step(weights, xs, kind, args.group_size, ops)
+                        passes.setdefault(f"{kind} @1", []).append(time.perf_counter() - t0)
+                    torch.set_num_threads(args.threads)
         if rows == 1:
             one_row = best
         print(f"| {rows} | " + " | ".join(f"{best[k] * 1e3:.1f}" for k in kinds) + " | "
               + " | ".join(f"{best[base] / best[k]:.2f}x" for k in kinds if k != base) + " |")
-    if one_row and buf is not None:
-        stream_bytes = buf.numel() * 4
-        bw = stream_bytes / min(passes["stream"])
-        print(f"\nStreaming read, {args.threads} thread(s), {args.stream_mib} MiB float32: {bw / 1e9:.1f} GB/s")
+    if one_row and bufs:
+        stream_bytes = args.stream_mib * 2**20
+        print(f"\nStreaming reads, {args.threads} thread(s), {args.stream_mib} MiB float32 each (fastest pass):")
+        print(pages_line("  read buffers", bufs.values()))
+        reads = [f"{name}, {pages}" for pages in bufs for name in READERS]
+        for name in reads:
+            print(f"  {name}: {stream_bytes / min(passes[name]) / 1e9:.1f} GB/s")
+        bw = max(stream_bytes / min(passes[name]) for name in reads)
+        per_repeat = [max(stream_bytes / t for t in ts) for ts in zip(*(passes[name] for name in reads))]
+        print(f"Reference (the fastest of them): {bw / 1e9:.1f} GB/s")
         for kind in tiles:
             got = tile_bytes / one_row[kind]
-            # The same share per repeat (kind and read back to back), median: less moved by the
+            # The same share per repeat (kind and reads back to back), median: less moved by the
             # machine's bandwidth swings than the ratio of two fastest passes.
-            paired = statistics.median(tile_bytes / t / (stream_bytes / st)
-                                       for t, st in zip(passes[kind], passes["stream"]))
+            paired = statistics.median(tile_bytes / t / r for t, r in zip(passes[kind], per_repeat))
             print(f"{kind} at 1 row: {tile_bytes / 1e6:.0f} MB of weights+scales per step, "
                   f"{got / 1e9:.1f} GB/s = {100 * got / bw:.0f}% of the streaming read "
                   f"(fastest passes); median of the per-repeat shares {100 * paired:.0f}%")
@@ -205,6 +251,12 @@ def main() -> int:
                 share = min(got / bw, paired)
                 print(f"target {kind} >= 90% of the streaming read at 1 row (lower of the two): {100 * share:.0f}% "
                       f"({'met' if share >= 0.9 else 'NOT met'})")
+    for kind in tiles if one_thread else []:
+        at_n = min(passes[base]) / min(passes[kind])
+        at_1 = min(passes[f"{base} @1"]) / min(passes[f"{kind} @1"])
+        print(f"threads: {kind} at 1 row {at_n:.2f}x {base} at {args.threads} threads, {at_1:.2f}x at 1 thread "
+              f"(same run): {100 * (at_n / at_1 - 1):+.0f}%; target within 10% "
+              f"({'met' if at_n >= 0.9 * at_1 else 'NOT met'})")
     if "tile int8" in tiles:
         print_int8_error(weights[:4], args.group_size, isas[0])
     if one_row and "avx2" in isas:

@@ -1,5 +1,8 @@
 """The compiled CPU int4 GEMM (``vllm_plugins/quantization/csrc/``: int4_ops.cpp, int4_avx512.cpp, int4_avx2.cpp).
 
+``avx512bf16_novbmi2`` is the AVX-512 path as CPUs without AVX512-VBMI2 run it; it must
+match ``avx512bf16`` bit for bit (on a CPU without VBMI2 the two are the same code).
+
 Ladder: the tile layout as a contract (decoded here with the docstring's
 formula, independently of the packer), the choice of path from the CPU flags
 and ``VLLM_PLUGINS_INT4_ISA``, then the op against float64
@@ -27,6 +30,7 @@ zero checks that the path really quantizes (the exact result is far from it).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +103,8 @@ def _cpu_flags() -> set[str]:
 
 
 ISA_FLAGS = {"avx512bf16": {"avx512f", "avx512bw", "avx512_bf16"}, "avx2": {"avx2", "fma"}, "portable": set()}
+ISA_FLAGS[ext.AVX512_NO_VBMI2] = ISA_FLAGS["avx512bf16"]
+TILE_ISAS = (*ext.ISAS, ext.AVX512_NO_VBMI2)  # every path the op takes
 INT8_FLAGS = {"avx512f", "avx512bw", "avx512_vnni"}
 
 
@@ -134,13 +140,16 @@ def test_isa_env_var_forces_and_validates(loaded, monkeypatch):
     monkeypatch.setenv(ext.ISA_ENV, "avx9000")
     with pytest.raises(ValueError, match=f"{ext.ISA_ENV}='avx9000': expected one of avx512bf16, avx2, portable"):
         ext.selected_isa()
+    monkeypatch.setenv(ext.ISA_ENV, ext.AVX512_NO_VBMI2)  # the op takes it; the layers' choice does not
+    with pytest.raises(ValueError, match="expected one of"):
+        ext.selected_isa()
 
 
 ROWS_ALL = tuple(range(1, 34))
 ROWS_SOME = (1, 2, 3, 4, 5, 7, 8, 16, 33)
 
 
-@pytest.mark.parametrize("isa", ext.ISAS)
+@pytest.mark.parametrize("isa", TILE_ISAS)
 @pytest.mark.parametrize("n, k, gs", SHAPES)
 def test_int4_gemm_vs_float64(loaded, n, k, gs, isa):
     """Every path, every row count of a register block and its remainders (1..33 on two shapes)."""
@@ -155,7 +164,7 @@ def test_int4_gemm_vs_float64(loaded, n, k, gs, isa):
         assert err <= TOL_GEMV, (m, err)
 
 
-@pytest.mark.parametrize("isa", ext.ISAS)
+@pytest.mark.parametrize("isa", TILE_ISAS)
 def test_threads_split_tiles_exactly(loaded, isa):
     """at::parallel_for splits output tiles; every output is computed by one thread the same way."""
     _need(isa)
@@ -206,6 +215,60 @@ def test_linear_both_paths_vs_float64(loaded, n, k, gs, isa):
         assert _rel_err(out, x.double() @ w.t() + bias.double()) <= tol + TOL_BIAS
         flat = ext.linear(x[0], qw, sc, gs, bias, isa)  # 2-D input (what vLLM passes) skips the reshapes
         assert flat.shape == (rows, n) and torch.equal(flat, out[0])
+
+
+def test_vbmi2_unpack_matches_the_plain_one(loaded):
+    """The VBMI2 instruction (vpshrdw, fourth nibble) gives the same bits as the seven-instruction
+    unpack, on every register-block shape (rows 1..9, 1..4 tiles) and group size."""
+    _need("avx512bf16")
+    for n, k, gs in SHAPES:
+        u, s, _ = _weights(n, k, gs, seed=5)
+        qw, sc = ext.pack_tiles(u, s, gs)
+        for m in range(1, 10):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+            assert torch.equal(ext.int4_gemm(x, qw, sc, gs, "avx512bf16"),
+                               ext.int4_gemm(x, qw, sc, gs, ext.AVX512_NO_VBMI2)), (n, k, gs, m)
+
+
+def _vma_flags(t: torch.Tensor) -> list[str]:
+    """VmFlags of the /proc/self/smaps mapping that holds t's first byte."""
+    addr = t.data_ptr()
+    for vma in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+        lo, hi = (int(a, 16) for a in vma.split(" ", 1)[0].split("-"))
+        if lo <= addr < hi:
+            return re.search(r"^VmFlags:(.*)$", vma, re.M).group(1).split()
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+def test_on_huge_pages_copies_and_advises(loaded):
+    """The copy equals the original, starts on a 2 MiB boundary and is advised MADV_HUGEPAGE (VmFlags
+    "hg") where the kernel has THP; the op runs on it; small tensors come back as they are."""
+    n, k, gs = 16 * 320, 1024, 128  # 2.6 MB of nibbles
+    u, s, w = _weights(n, k, gs)
+    qw, sc = ext.pack_tiles(u, s, gs)
+    big = ext.on_huge_pages(qw)
+    assert big.data_ptr() != qw.data_ptr() and torch.equal(big, qw) and big.stride() == qw.stride()
+    assert big.data_ptr() % (2 << 20) == 0
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() and Path("/proc/self/smaps").exists():
+        assert "hg" in _vma_flags(big)
+        total, huge = ext.huge_page_bytes([big, big])
+        assert total == big.nbytes and 0 <= huge <= total
+    assert ext.on_huge_pages(sc) is sc or ext.on_huge_pages(sc).data_ptr() == sc.data_ptr()
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    assert torch.equal(ext.int4_gemm(x, big, sc, gs), ext.int4_gemm(x, qw, sc, gs))
+    del qw
+    assert _rel_err(ext.int4_gemm(x, big, sc, gs), x.double() @ w.t()) <= TOL_GEMV
+
+
+def test_stream_read_reads_every_word():
+    """The bench's read reference returns the OR of every 64-bit word: one bit set anywhere shows."""
+    assert ext.load()
+    buf = torch.zeros(1 << 16, dtype=torch.uint8)
+    assert ext.stream_read(buf) == 0
+    for at in (0, 9, 4096 + 130, (1 << 16) - 1):
+        buf.zero_()
+        buf[at] = 0x10
+        assert ext.stream_read(buf) == 0x10 << (8 * (at % 8)), at
 
 
 def test_linear_under_torch_compile(loaded):

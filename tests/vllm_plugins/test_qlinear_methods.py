@@ -58,6 +58,12 @@ def _make_layer(kind, in_f, outs, cfg, dtype):
 
 def _run(kind, in_f, outs, qcfg, dtype, seed=0):
     """Build, load and run one layer; return (output, float64 reference, method)."""
+    y, ref, layer = _run_layer(kind, in_f, outs, qcfg, dtype, seed)
+    return y, ref, layer.quant_method
+
+
+def _run_layer(kind, in_f, outs, qcfg, dtype, seed=0):
+    """Build, load and run one layer; return (output, float64 reference, layer)."""
     torch.manual_seed(seed)
     cfg = _quant_config(qcfg)
     layer, shard_ids = _make_layer(kind, in_f, outs, cfg, dtype)
@@ -97,7 +103,7 @@ def _run(kind, in_f, outs, qcfg, dtype, seed=0):
     ref = x64 @ w_ref.t()
     if bias is not None:
         ref = ref + bias.to(dtype).double()
-    return y, ref, layer.quant_method
+    return y, ref, layer
 
 
 def _w4_deq(tensors, in_f, scheme):
@@ -174,6 +180,21 @@ def test_tile_kernel_avx2_path_forced(vllm_tp1, monkeypatch, kind, in_f, outs, g
     y, ref, method = _run(kind, in_f, outs, {"scheme": "w4a16", "group_size": gs, "act_order": act_order},
                           torch.bfloat16)
     assert method.kernel_name == "TileInt4CPULinearKernel"
+    _check(y, ref, "w4a16", torch.bfloat16)
+
+
+def test_tile_kernel_keeps_large_weights_on_huge_pages(vllm_tp1):
+    """A layer whose packed weight is >= 2 MiB: the tile kernel moves it to a 2 MiB-aligned
+    huge-page mapping at load (cpu_ext.on_huge_pages) and still computes x @ W.T exactly."""
+    from vllm_plugins.quantization import cpu_ext
+
+    if not cpu_ext.has_fast_path():
+        pytest.skip("no vectorized tile path on this CPU")
+    y, ref, layer = _run_layer("row", 1024, [4096], {"scheme": "w4a16", "group_size": 128}, torch.bfloat16)
+    assert layer.quant_method.kernel_name == "TileInt4CPULinearKernel"
+    qweight = layer.qweight
+    assert qweight.dtype == torch.uint8 and qweight.nbytes == 4096 * 1024 // 2
+    assert qweight.data_ptr() % (2 << 20) == 0
     _check(y, ref, "w4a16", torch.bfloat16)
 
 

@@ -34,6 +34,15 @@ Tile layout (the contract :func:`pack_tiles` builds and the C++ reads; see
 
 Outputs lie in vector lanes and input pairs in 32-bit lanes, so a group scale
 costs one vector multiply per 16 outputs and an activation pair is broadcast.
+
+Pages: at one activation row the kernel streams each tile's weights at the
+rate one core reads memory. The hardware prefetchers stop at page boundaries,
+and on 4 KiB pages a tile's stream crosses one every 64 blocks, so the layers
+keep their packed weights on transparent huge pages (:func:`on_huge_pages`:
+2 MiB aligned, ``MADV_HUGEPAGE``; THP ``madvise`` or ``always`` in
+``/sys/kernel/mm/transparent_hugepage/enabled``). Here one core read a 4 KiB-page
+buffer at 19-28 GB/s with one stream and a huge-page one at 30-33 GB/s; the
+kernel's one-row pass rose by ~28% (19.7 to 25.3 GB/s, ``scripts/bench_int4_cpu.py --pages``).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -56,6 +66,10 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(CSRC / name for name in ("int4_ops.cpp", "int4_avx512.cpp", "int4_avx2.cpp", "int4_vnni.cpp"))
 HEADERS = (CSRC / "int4_kernels.h",)
 ISAS = ("avx512bf16", "avx2", "portable")  # best first
+# The avx512bf16 path without its one AVX512-VBMI2 instruction, as AVX512-BF16 CPUs
+# without VBMI2 (Cooper Lake) run it; "avx512bf16" takes VBMI2 where the CPU has it.
+# For the tests (both must agree bit for bit); never chosen by selected_isa.
+AVX512_NO_VBMI2 = "avx512bf16_novbmi2"
 ISA_ENV = "VLLM_PLUGINS_INT4_ISA"
 ACTIVATIONS = ("bf16", "int8")  # bf16: exact (W4A16, the default); int8: per-32 dynamic int8, AVX512-VNNI (opt-in)
 TILE, BLOCK_K = 16, 8  # outputs per tile, inputs per 64-byte block
@@ -230,6 +244,40 @@ def int4_gemm(x: torch.Tensor, qw: torch.Tensor, sc: torch.Tensor, group_size: i
     ``[M, N]`` in x's dtype. ``isa``: a path of :data:`ISAS` (default :func:`selected_isa`).
     ``act="int8"`` quantizes bfloat16 x per 32 inputs and runs the AVX512-VNNI path instead."""
     return torch.ops.vllm_plugins_cpu.int4_gemm(x, qw, sc, group_size, isa or selected_isa(), act)
+
+
+def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` on transparent huge pages where the OS gives them (2 MiB aligned,
+    ``MADV_HUGEPAGE``), else on ordinary pages; tensors under 2 MiB as they are. For the
+    packed weights, at load time (see the module docstring)."""
+    return torch.ops.vllm_plugins_cpu.int4_huge_pages(t)
+
+
+def huge_page_bytes(tensors) -> tuple[int, int]:
+    """``(bytes, huge)``: the bytes of ``tensors`` (each counted once) and how many of them lie on
+    transparent huge pages, from ``AnonHugePages`` in ``/proc/self/smaps``: per mapping, the smaller
+    of its huge bytes and its overlap with the tensors (exact where a mapping holds only them).
+    ``(bytes, 0)`` where that file is missing."""
+    spans = sorted({(t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors})
+    total = sum(b - a for a, b in spans)
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return total, 0
+    huge = 0
+    for vma in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text):
+        lo, hi = (int(a, 16) for a in vma.split(" ", 1)[0].split("-"))
+        overlap = sum(max(0, min(b, hi) - max(a, lo)) for a, b in spans)
+        found = re.search(r"^AnonHugePages:\s+(\d+) kB", vma, re.M)
+        if overlap and found:
+            huge += min(overlap, int(found.group(1)) * 1024)
+    return total, huge
+
+
+def stream_read(buf: torch.Tensor) -> int:
+    """A plain streaming read of every byte of ``buf`` (512-bit loads in four chains where the
+    CPU has AVX512F); returns the OR of its 64-bit words. The bench's read reference."""
+    return torch.ops.vllm_plugins_cpu.int4_stream_read(buf)
 
 
 def dequantize(qw: torch.Tensor, sc: torch.Tensor, group_size: int) -> torch.Tensor:

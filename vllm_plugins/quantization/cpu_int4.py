@@ -211,7 +211,8 @@ class TileInt4CPULinearKernel(TorchInt4CPULinearKernel):
     def _pack(self, layer: torch.nn.Module, u: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layer.int4_isa = cpu_ext.selected_isa()  # chosen once per layer, outside torch.compile's graph
         layer.int4_act = layer_activations(getattr(layer, "w4_cpu_activations", "bf16"))
-        return cpu_ext.pack_tiles(u, scales, self.config.group_size)
+        qw, sc = cpu_ext.pack_tiles(u, scales, self.config.group_size)
+        return cpu_ext.on_huge_pages(qw), cpu_ext.on_huge_pages(sc)  # streamed once per token: huge pages
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         w, sc, _ = self._get_weight_params(layer)

@@ -27,7 +27,6 @@ namespace vllm_plugins_int4 {
 
 namespace {
 
-constexpr int kMaxRows = 4;             // activation rows per pass (MB)
 constexpr int64_t kPrefetchBlocks = 16;  // blocks ahead in each tile's stream (1 KiB)
 
 // MB rows of tile t (2 vectors of 8 outputs each); res[b * 16 + n]. A accumulator
@@ -97,27 +96,20 @@ void avx2_prepare(const float* x, const Problem& p, float* xp, float* xoff) {
 }
 
 void avx2_tiles(const float* xp, const float* xoff, const Problem& p, int64_t t0, int64_t t1, const Out& out) {
-  float res[kMaxRows * kTile];
   // One tile at a time, each unpacked vector serving up to 4 rows. (Two tiles
   // per pass at one row need 16 accumulators with the 2 chains per vector:
   // all 16 ymm registers, so they spill; 1 tile took about 27% less CPU time
   // per step of the 0.5B shapes, loaded machine.)
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t i = 0; i < p.m;) {
-      const int64_t mb = std::min<int64_t>(kMaxRows, p.m - i);
-      const float* xi = xp + i * p.k;
-      const float* oi = xoff + i * p.groups;
-      switch (mb) {
-        case 4: block<4>(xi, oi, p, t, res); break;
-        case 3: block<3>(xi, oi, p, t, res); break;
-        case 2: block<2>(xi, oi, p, t, res); break;
-        default: block<1>(xi, oi, p, t, res);
-      }
-      for (int64_t b = 0; b < mb; ++b)
-        for (int64_t j = 0; j < kTile; ++j) out.put((i + b) * p.n + t * kTile + j, res[b * kTile + j]);
-      i += mb;
+  for_each_block(p, t0, t1, 1, out, [&](int64_t i, int64_t mb, int64_t t, int64_t, float* res) {
+    const float* xi = xp + i * p.k;
+    const float* oi = xoff + i * p.groups;
+    switch (mb) {
+      case 4: block<4>(xi, oi, p, t, res); break;
+      case 3: block<3>(xi, oi, p, t, res); break;
+      case 2: block<2>(xi, oi, p, t, res); break;
+      default: block<1>(xi, oi, p, t, res);
     }
-  }
+  });
 }
 
 #else  // not x86 / not GCC-compatible: never selected

@@ -16,7 +16,9 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace vllm_plugins_int4 {
@@ -24,6 +26,8 @@ namespace vllm_plugins_int4 {
 constexpr int64_t kTile = 16;        // outputs per tile
 constexpr int64_t kBlockK = 8;       // inputs per block
 constexpr int64_t kBlockBytes = 64;  // bytes of one tile's block
+constexpr int64_t kMaxRows = 4;      // activation rows per register block, every path
+constexpr int64_t kMaxBlockTiles = 4;  // tiles per register block, at most
 
 // One GEMM call, shared by all paths.
 struct Problem {
@@ -42,11 +46,38 @@ struct Out {
   }
 };
 
+// The pass every path makes over tiles t0..t1-1 and all rows: `tiles` tiles and
+// up to kMaxRows rows at a time; block(i, mb, t, nv, res) writes res[b * nv * 16 + j]
+// (row i + b, output 16t + j), which goes to out.
+template <class Block>
+inline void for_each_block(const Problem& p, int64_t t0, int64_t t1, int64_t tiles, const Out& out, const Block& block) {
+  TORCH_CHECK(tiles >= 1 && tiles <= kMaxBlockTiles, "int4: ", tiles, " tiles per block");
+  float res[kMaxRows * kMaxBlockTiles * kTile];
+  for (int64_t t = t0; t < t1; t += tiles) {
+    const int64_t nv = std::min<int64_t>(tiles, t1 - t);
+    for (int64_t i = 0; i < p.m; i += kMaxRows) {
+      const int64_t mb = std::min<int64_t>(kMaxRows, p.m - i);
+      block(i, mb, t, nv, res);
+      for (int64_t b = 0; b < mb; ++b)
+        for (int64_t j = 0; j < nv * kTile; ++j) out.put((i + b) * p.n + t * kTile + j, res[b * nv * kTile + j]);
+    }
+  }
+}
+
 // --- AVX512-BF16 (int4_avx512.cpp). x: bfloat16 bits [m, k]; xoff: 136 * sum
 // of x over each group [m, G] (avx512_offsets). Tiles t0..t1-1, all m rows.
+// vbmi2: the CPU has AVX512-VBMI2 (avx512vbmi2_supported), which unpacks one
+// of the four nibbles in one instruction instead of two.
 bool avx512bf16_supported();
+bool avx512vbmi2_supported();
 void avx512_offsets(const uint16_t* x, const Problem& p, float* xoff);
-void avx512_tiles(const uint16_t* x, const float* xoff, const Problem& p, int64_t t0, int64_t t1, const Out& out);
+void avx512_tiles(const uint16_t* x, const float* xoff, const Problem& p, int64_t t0, int64_t t1, const Out& out,
+                  bool vbmi2);
+
+// The OR of every 64-bit word of p[0, n) (n a multiple of 256): a plain
+// streaming read, 512-bit loads in four chains where the CPU has AVX512F,
+// else portable C++ (int4_avx512.cpp).
+int64_t stream_or(const uint8_t* p, size_t n);
 
 // --- AVX2 + FMA (int4_avx2.cpp). xp: float32 x scaled as avx2_prepare writes
 // it [m, k]; xoff: 8 * sum of x over each group [m, G].

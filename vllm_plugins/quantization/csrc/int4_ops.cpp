@@ -12,7 +12,14 @@
 // AVX512-VNNI path (int4_vnni.cpp) whatever `isa` says; bfloat16 x only.
 // float32 activations never take the avx512bf16 path: they run avx2 there.
 // The output has the dtype of x. Threads split the output tiles
-// (at::parallel_for).
+// (at::parallel_for). "avx512bf16_novbmi2" is the avx512bf16 path without its
+// one AVX512-VBMI2 instruction, as CPUs with AVX512-BF16 but no VBMI2 run it
+// (for the tests; "avx512bf16" takes VBMI2 where the CPU has it).
+//
+// Also here: int4_huge_pages, a copy of a tensor on transparent huge pages
+// (the packed weights: one core streams them ~1.6x faster than from 4 KiB
+// pages here), and int4_stream_read, the plain AVX-512 read loop that
+// scripts/bench_int4_cpu.py takes as one of its read-bandwidth references.
 
 #include "int4_kernels.h"
 
@@ -21,17 +28,24 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace vllm_plugins_int4 {
 namespace {
 
-enum class Isa { kAvx512Bf16, kAvx2, kPortable };
+enum class Isa { kAvx512Bf16, kAvx512Bf16NoVbmi2, kAvx2, kPortable };
 
 bool supported(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512Bf16: return avx512bf16_supported();
+    case Isa::kAvx512Bf16:
+    case Isa::kAvx512Bf16NoVbmi2: return avx512bf16_supported();
     case Isa::kAvx2: return avx2_supported();
     default: return true;
   }
@@ -45,9 +59,10 @@ Isa parse_isa(const std::string& name) {
   }
   Isa isa;
   if (name == "avx512bf16") isa = Isa::kAvx512Bf16;
+  else if (name == "avx512bf16_novbmi2") isa = Isa::kAvx512Bf16NoVbmi2;
   else if (name == "avx2") isa = Isa::kAvx2;
   else if (name == "portable") isa = Isa::kPortable;
-  else TORCH_CHECK(false, "int4: unknown ISA '", name, "' (auto, avx512bf16, avx2 or portable)");
+  else TORCH_CHECK(false, "int4: unknown ISA '", name, "' (auto, avx512bf16, avx512bf16_novbmi2, avx2 or portable)");
   TORCH_CHECK(supported(isa), "int4: this CPU cannot run the ", name, " path");
   return isa;
 }
@@ -104,7 +119,8 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
   Isa isa = parse_isa(std::string(isa_arg));
   const bool int8 = int8_requested(std::string(act));
   TORCH_CHECK(!int8 || x.scalar_type() == at::kBFloat16, "int4_gemm: int8 activations take bfloat16 x");
-  if (isa == Isa::kAvx512Bf16 && x.scalar_type() == at::kFloat) isa = supported(Isa::kAvx2) ? Isa::kAvx2 : Isa::kPortable;
+  const bool avx512 = isa == Isa::kAvx512Bf16 || isa == Isa::kAvx512Bf16NoVbmi2;
+  if (avx512 && x.scalar_type() == at::kFloat) isa = supported(Isa::kAvx2) ? Isa::kAvx2 : Isa::kPortable;
 
   const at::Tensor qc = qw.contiguous(), scc = sc.contiguous();
   const int64_t tiles = qw.size(0), n = tiles * kTile;
@@ -128,12 +144,13 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor
     });
     return out;
   }
-  if (isa == Isa::kAvx512Bf16) {
+  if (isa == Isa::kAvx512Bf16 || isa == Isa::kAvx512Bf16NoVbmi2) {
     const at::Tensor xc = x.contiguous();
     const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
     std::vector<float> xoff(m * groups);
     avx512_offsets(xp, p, xoff.data());
-    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { avx512_tiles(xp, xoff.data(), p, t0, t1, o); });
+    const bool vbmi2 = isa == Isa::kAvx512Bf16 && avx512vbmi2_supported();
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { avx512_tiles(xp, xoff.data(), p, t0, t1, o, vbmi2); });
     return out;
   }
   const at::Tensor xf = x.to(at::kFloat).contiguous();
@@ -183,9 +200,50 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tens
   return int4_gemm(x, qw, sc, group_size, isa, act);
 }
 
+// A copy of t in a fresh anonymous mapping that starts on a 2 MiB boundary
+// and is advised MADV_HUGEPAGE before its first touch, so that the kernel
+// backs it with transparent huge pages where they are enabled ("always" or
+// "madvise") and free. (Memory from malloc may be reused, already faulted in
+// on 4 KiB pages, which the advice does not change.) The hardware prefetchers
+// stop at page boundaries: on 4 KiB pages a tile's stream crosses one every
+// 64 blocks. Elsewhere (no THP, not Linux, advice refused) it is the same copy
+// on ordinary pages. Tensors under 2 MiB are returned as they are (contiguous).
+constexpr size_t kHugePage = size_t(2) << 20;
+
+at::Tensor huge_pages(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  const size_t bytes = c.nbytes();
+  if (bytes < kHugePage) return c;
+  const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  void* raw = mmap(nullptr, size + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(raw != MAP_FAILED, "int4_huge_pages: cannot map ", size, " bytes");
+  const uintptr_t start = reinterpret_cast<uintptr_t>(raw), aligned = (start + kHugePage - 1) & ~(kHugePage - 1);
+  if (aligned > start) munmap(raw, aligned - start);  // trim to [aligned, aligned + size)
+  if (start + kHugePage > aligned) munmap(reinterpret_cast<void*>(aligned + size), start + kHugePage - aligned);
+  void* mem = reinterpret_cast<void*>(aligned);
+  madvise(mem, size, MADV_HUGEPAGE);  // advice only: on failure the copy stays on small pages
+  auto release = [size](void* q) { munmap(q, size); };
+#else
+  void* mem = std::aligned_alloc(kHugePage, size);
+  TORCH_CHECK(mem != nullptr, "int4_huge_pages: cannot allocate ", size, " bytes");
+  auto release = [](void* q) { std::free(q); };
+#endif
+  std::memcpy(mem, c.data_ptr(), bytes);  // first touch: the pages are faulted in here, huge where they can be
+  return at::from_blob(mem, c.sizes(), c.strides(), release, c.options());
+}
+
+// Reads every byte of buf with 512-bit loads (256-bit without AVX-512) in
+// four independent chains, no prefetch hints; returns their OR (so the loads
+// stay). For the bench's read-bandwidth reference only.
+int64_t stream_read(const at::Tensor& buf) {
+  TORCH_CHECK(buf.is_contiguous() && buf.nbytes() % 256 == 0, "int4_stream_read: contiguous, a multiple of 256 bytes");
+  return stream_or(static_cast<const uint8_t*>(buf.data_ptr()), buf.nbytes());
+}
+
 bool isa_supported(c10::string_view name) {
   const std::string s(name);
-  if (s == "avx512bf16") return supported(Isa::kAvx512Bf16);
+  if (s == "avx512bf16" || s == "avx512bf16_novbmi2") return supported(Isa::kAvx512Bf16);
   if (s == "avx2") return supported(Isa::kAvx2);
   return s == "portable" || s == "auto";
 }
@@ -202,6 +260,8 @@ TORCH_LIBRARY(vllm_plugins_cpu, m) {
         "str act='bf16') -> Tensor");
   m.def("int4_isa_supported(str isa) -> bool", &vllm_plugins_int4::isa_supported);
   m.def("int4_int8_supported() -> bool", &vllm_plugins_int4::int8_supported);
+  m.def("int4_huge_pages(Tensor t) -> Tensor", &vllm_plugins_int4::huge_pages);
+  m.def("int4_stream_read(Tensor buf) -> int", &vllm_plugins_int4::stream_read);
 }
 
 TORCH_LIBRARY_IMPL(vllm_plugins_cpu, CPU, m) {

@@ -31,9 +31,13 @@ namespace vllm_plugins_int4 {
 
 namespace {
 
-constexpr int kMaxRows = 4;              // activation rows per pass
+static_assert(kMaxBlockTiles >= 2);
 constexpr int kMaxTiles = 2;             // tiles per pass (int32 + float32 accumulators: 4 x 2 x 2 of 32 registers)
-constexpr int64_t kPrefetchBlocks = 64;  // blocks ahead in each tile's stream (4 KiB; 1 KiB read ~10% slower)
+// Several tiles per pass (2+ rows): software prefetch this many blocks ahead in
+// each tile's stream (4 KiB). One tile per pass (1 row): none; on huge pages it
+// read at the rate of a plain read without it (4 KiB ahead: 2-4% slower), and on
+// 4 KiB pages 20% faster than with it (one core, 0.5B shapes, in-process A/B).
+constexpr int64_t kPrefetchBlocks = 64;
 constexpr int64_t kChunkBlocks = kInt8Chunk / kBlockK;
 
 VP_VNNI inline __m512i quad_of(const int8_t* x) {  // 4 int8 activations in every 32-bit lane
@@ -72,7 +76,7 @@ VP_VNNI void block(const int8_t* xq, const float* xd, const int32_t* xs, const P
         __m512i lo[NV], hi[NV];
         for (int v = 0; v < NV; ++v) {
           const uint8_t* blk = w[v] + c * kBlockBytes;
-          _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocks * kBlockBytes), _MM_HINT_T0);
+          if (NV > 1) _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBlocks * kBlockBytes), _MM_HINT_T0);
           const __m512i wv = _mm512_loadu_si512(blk);
           lo[v] = _mm512_and_si512(wv, low4);
           hi[v] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low4);
@@ -150,27 +154,19 @@ VP_VNNI void vnni_prepare(const uint16_t* x, const Problem& p, int8_t* xq, float
 
 void vnni_tiles(const int8_t* xq, const float* xd, const int32_t* xs, const Problem& p, int64_t t0, int64_t t1,
                 const Out& out) {
-  float res[kMaxRows * kMaxTiles * kTile];
   const int64_t chunks = p.k / kInt8Chunk;
-  const int64_t tiles = p.m == 1 ? 1 : kMaxTiles;  // one row: one weight stream, as on the bfloat16 path
-  for (int64_t t = t0; t < t1; t += tiles) {
-    const int64_t nv = std::min<int64_t>(tiles, t1 - t);
-    for (int64_t i = 0; i < p.m;) {
-      const int64_t mb = std::min<int64_t>(kMaxRows, p.m - i);
-      const int8_t* qi = xq + i * p.k;
-      const float* di = xd + i * chunks;
-      const int32_t* si = xs + i * chunks;
-      switch (mb) {
-        case 4: rows_block<4>(qi, di, si, p, t, nv, res); break;
-        case 3: rows_block<3>(qi, di, si, p, t, nv, res); break;
-        case 2: rows_block<2>(qi, di, si, p, t, nv, res); break;
-        default: rows_block<1>(qi, di, si, p, t, nv, res);
-      }
-      for (int64_t b = 0; b < mb; ++b)
-        for (int64_t j = 0; j < nv * kTile; ++j) out.put((i + b) * p.n + t * kTile + j, res[b * nv * kTile + j]);
-      i += mb;
+  // One row: one weight stream, as on the bfloat16 path.
+  for_each_block(p, t0, t1, p.m == 1 ? 1 : kMaxTiles, out, [&](int64_t i, int64_t mb, int64_t t, int64_t nv, float* res) {
+    const int8_t* qi = xq + i * p.k;
+    const float* di = xd + i * chunks;
+    const int32_t* si = xs + i * chunks;
+    switch (mb) {
+      case 4: rows_block<4>(qi, di, si, p, t, nv, res); break;
+      case 3: rows_block<3>(qi, di, si, p, t, nv, res); break;
+      case 2: rows_block<2>(qi, di, si, p, t, nv, res); break;
+      default: rows_block<1>(qi, di, si, p, t, nv, res);
     }
-  }
+  });
 }
 
 #else  // not x86 / not GCC-compatible: never selected
