@@ -34,9 +34,11 @@ TARGETS = {("w4a16", 1): 3.0, ("w4a16", 16): 1.0, ("w8a8", 1): 1.5}  # (scheme, 
 
 
 def build_model(work: Path, layers: int, hidden: int, intermediate: int) -> Path:
+    """The bf16 random Llama of this shape, built once under ``work`` in a folder named by the shape (a
+    model cached for other ``--layers/--hidden/--intermediate`` is never reused); its exports sit beside it."""
     from models.tiny import build_tiny_llama
 
-    src = work / "bf16"
+    src = work / f"llama-l{layers}-h{hidden}-i{intermediate}" / "bf16"
     if not (src / "config.json").exists():
         build_tiny_llama(src, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512),
@@ -45,14 +47,15 @@ def build_model(work: Path, layers: int, hidden: int, intermediate: int) -> Path
     return src
 
 
-def export(src: Path, work: Path, scheme: str) -> Path:
+def export(src: Path, scheme: str) -> Path:
+    """The ``scheme`` export of :func:`build_model`'s ``src``, next to it (built once)."""
     from quant.config import QuantConfig
     from quant.pipeline import quantize_checkpoint
 
-    out = work / scheme
+    out = src.parent / scheme
     if not (out / "config.json").exists():
         cfg = QuantConfig(scheme=scheme, method="rtn", format="native", num_samples=1, seqlen=32)
-        calib = work / "calib.txt"
+        calib = src.parent / "calib.txt"
         calib.write_text("Once upon a time there was a little model.\n\nIt liked to run fast.\n")
         quantize_checkpoint(src, {"native": out}, cfg, calib, progress=False)
     return out
@@ -135,7 +138,7 @@ def main() -> int:
     src = build_model(args.work, args.layers, args.hidden, args.intermediate)
     n_params = sum(math.prod(shape) for shape in _shapes(src))
     env = {"VLLM_CPU_OMP_THREADS_BIND": args.omp_bind} if args.omp_bind else {}
-    runs = {"bf16": (src, env), **{s: (export(src, args.work, s), env) for s in schemes}}
+    runs = {"bf16": (src, env), **{s: (export(src, s), env) for s in schemes}}
     if args.aten_int4:
         runs["w4a16 (aten int4)"] = (runs["w4a16"][0], {**env, "VLLM_DISABLED_KERNELS": "TileInt4CPULinearKernel"})
     if args.cpuwna16:

@@ -58,7 +58,7 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     levels = [int(c) for c in args.concurrency.split(",")]
     src = build_model(args.work, args.layers, args.hidden, args.intermediate)
-    ckpts = {s: (src if s == "bf16" else export(src, args.work, s)) for s in args.schemes.split(",")}
+    ckpts = {s: (src if s == "bf16" else export(src, s)) for s in args.schemes.split(",")}
     out_dir = args.work / "bench-serve"
     out_dir.mkdir(exist_ok=True)
 
