@@ -96,69 +96,48 @@ def torch_threads():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_every_linears_error_is_the_float64_product(threads, tiny_llama, tmp_path, monkeypatch, torch_threads):
+@pytest.mark.parametrize("threads,gptaq", [(1, False), (2, False), (1, True)])
+def test_every_linears_error_is_the_float64_product(threads, gptaq, tiny_llama, tmp_path, monkeypatch, torch_threads):
     """A whole true-sequential run (act-order, so that the permutation is in play): each linear's reported
-    error against float64 ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` from the Hessian and the unquantized weights that
-    GPTQ received. At two threads the jobs run on the second thread, after the weights were overwritten."""
+    error against float64 ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` from the Hessian and the unquantized weights.
+    At two threads the jobs run on the second thread, after the weights were overwritten. With
+    ``--gptaq`` GPTQ quantizes least-squares targets, so its loss is not the error of ``W``: the errors are
+    still those of the layer's own weights (captured where the targets are made)."""
     torch_threads(threads)
     monkeypatch.setattr(output_error, "ENERGY_MACS", 64 * 64 * 40)  # chunks of 16 rows on these tiny shapes
     monkeypatch.setattr(output_error, "MIN_ENERGY_ROWS", 16)
     model = tiny_llama(hidden_size=128, intermediate_size=256, num_hidden_layers=2, initializer_range=0.05)
     samples = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(0))
-    seen = []  # (H, [(weight copy, result)]) per GPTQ call
-    real_prepare, real_gptq = pipeline.prepare_hessian, pipeline.gptq_quantize_shared
+    seen = []  # per input group: H, the unquantized weights, the results
+    real_prepare, real_targets, real_gptq = (pipeline.prepare_hessian, pipeline.asymmetric_targets,
+                                             pipeline.gptq_quantize_shared)
 
     def prepare(h, *a, **k):
-        seen.append((h.clone(), []))
+        seen.append({"h": h.clone(), "w": [], "q": []})
         return real_prepare(h, *a, **k)
+
+    def targets(weights, *a, **k):
+        seen[-1]["w"] = [w.detach().clone() for w in weights]
+        return real_targets(weights, *a, **k)
 
     def quantize(weights, *a, **k):
         out = real_gptq(weights, *a, **k)
-        seen[-1][1].extend(zip([w.detach().clone() for w in weights], out))
+        if not gptaq:
+            seen[-1]["w"] += [w.detach().clone() for w in weights]
+        seen[-1]["q"] += out
         return out
 
     monkeypatch.setattr(pipeline, "prepare_hessian", prepare)
+    monkeypatch.setattr(pipeline, "asymmetric_targets", targets)
     monkeypatch.setattr(pipeline, "gptq_quantize_shared", quantize)
-    cfg = QuantConfig(scheme="w4a16", group_size=32, act_order=True, num_samples=8, seqlen=32)
+    cfg = QuantConfig(scheme="w4a16", group_size=32, act_order=True, gptaq=gptaq, num_samples=8, seqlen=32)
     report = quantize_checkpoint(model, tmp_path / "out", cfg, samples=samples, progress=False)
     got = [e for s in report.layers for e in s.errors.values()]
     want = []
-    for h, linears in seen:
-        for w, result in linears:
-            num, den = _reference(w, result, h)
+    for group in seen:
+        for w, result in zip(group["w"], group["q"], strict=True):
+            num, den = _reference(w, result, group["h"])
             want.append(num / den)
     assert len(got) == len(want) == 2 * 7
     assert got == pytest.approx(want, rel=1e-5)
     assert min(want) > 0
-
-
-def test_gptaq_errors_measure_the_weights_not_the_targets(tiny_llama, tmp_path, monkeypatch):
-    """With ``--gptaq`` GPTQ quantizes least-squares targets, so its loss is not the error of ``W``: each
-    reported error is still float64 ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of the layer's own weight ``W``."""
-    model = tiny_llama(hidden_size=128, intermediate_size=256, num_hidden_layers=2, initializer_range=0.05)
-    samples = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(0))
-    seen = []  # (H, [unquantized weight], [result]) per input group
-    real_targets, real_gptq = pipeline.asymmetric_targets, pipeline.gptq_quantize_shared
-
-    def targets(weights, cross, h, *a, **k):
-        seen.append((h.clone(), [w.detach().clone() for w in weights], []))
-        return real_targets(weights, cross, h, *a, **k)
-
-    def quantize(weights, *a, **k):
-        out = real_gptq(weights, *a, **k)
-        seen[-1][2].extend(out)
-        return out
-
-    monkeypatch.setattr(pipeline, "asymmetric_targets", targets)
-    monkeypatch.setattr(pipeline, "gptq_quantize_shared", quantize)
-    cfg = QuantConfig(scheme="w4a16", group_size=32, gptaq=True, num_samples=8, seqlen=32)
-    report = quantize_checkpoint(model, tmp_path / "out", cfg, samples=samples, progress=False)
-    got = [e for s in report.layers for e in s.errors.values()]
-    want = []
-    for h, weights, results in seen:
-        for w, result in zip(weights, results, strict=True):
-            num, den = _reference(w, result, h)
-            want.append(num / den)
-    assert len(got) == len(want) == 2 * 7
-    assert got == pytest.approx(want, rel=1e-5)
