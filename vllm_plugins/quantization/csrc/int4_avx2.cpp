@@ -36,8 +36,8 @@ template <int MB>
 VP_AVX2 void block(const float* xp, const float* xoff, const Problem& p, int64_t t, float* res) {
   constexpr int A = MB <= 2 ? 2 : 1;
   const int64_t kpg = p.gs / kBlockK;
-  const uint8_t* w = p.qw + t * p.tile_bytes();
-  const float* s = p.sc + t * p.groups * kTile;
+  const uint8_t* w = p.tile_weights(t);
+  const float* s = p.tile_scales(t);
   // Totals live in memory (res): touched once per group, they leave the registers to the accumulators.
   for (int64_t j = 0; j < MB * kTile; ++j) res[j] = 0.f;
 

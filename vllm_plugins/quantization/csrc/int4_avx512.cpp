@@ -80,12 +80,7 @@ VP_AVX512 void block(const uint16_t* x, const float* xoff, const Problem& p, int
   const __m512i hi_bias = _mm512_set1_epi16(0x0430);
   const uint8_t* w[NV];
   const float* s[NV];
-  for (int v = 0; v < NV; ++v) {
-    w[v] = p.qw + (t + v) * p.tile_bytes();
-    s[v] = p.sc + (t + v) * p.groups * kTile;
-  }
-  // Totals live in memory (res): touched once per group, they leave the registers to the accumulators.
-  for (int64_t j = 0; j < MB * NV * kTile; ++j) res[j] = 0.f;
+  start_block<MB, NV>(p, t, w, s, res);  // totals in memory: the registers are left to the accumulators
 
   for (int64_t g = 0; g < p.groups; ++g) {
     __m512 acc[NA][MB][NV];

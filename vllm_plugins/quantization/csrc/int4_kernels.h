@@ -35,7 +35,20 @@ struct Problem {
   const uint8_t* qw;  // [N/16, K/8, 64]
   const float* sc;    // [N/16, G, 16]
   int64_t tile_bytes() const { return (k / kBlockK) * kBlockBytes; }
+  const uint8_t* tile_weights(int64_t t) const { return qw + t * tile_bytes(); }  // tile t's packed nibbles
+  const float* tile_scales(int64_t t) const { return sc + t * groups * kTile; }     // tile t's group scales
 };
+
+// The set-up of a register block of MB rows x NV tiles from tile t: each tile's weight and scale
+// pointers, and its totals res[b][v * 16 + n] zeroed (they live in memory, touched once per group).
+template <int MB, int NV>
+inline void start_block(const Problem& p, int64_t t, const uint8_t* (&w)[NV], const float* (&s)[NV], float* res) {
+  for (int v = 0; v < NV; ++v) {
+    w[v] = p.tile_weights(t + v);
+    s[v] = p.tile_scales(t + v);
+  }
+  for (int64_t j = 0; j < MB * NV * kTile; ++j) res[j] = 0.f;
+}
 
 // The output [m, n], float32 or bfloat16.
 struct Out {

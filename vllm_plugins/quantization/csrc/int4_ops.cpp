@@ -70,8 +70,8 @@ Isa parse_isa(const std::string& name) {
 // Output 16t + n of row b, straight from the layout formula.
 void portable_tiles_impl(const float* x, const Problem& p, int64_t t0, int64_t t1, const Out& out) {
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* q = p.qw + t * p.tile_bytes();
-    const float* s = p.sc + t * p.groups * kTile;
+    const uint8_t* q = p.tile_weights(t);
+    const float* s = p.tile_scales(t);
     for (int64_t b = 0; b < p.m; ++b)
       for (int64_t n = 0; n < kTile; ++n) {
         float acc = 0.f;

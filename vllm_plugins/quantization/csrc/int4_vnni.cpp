@@ -55,11 +55,7 @@ VP_VNNI void block(const int8_t* xq, const float* xd, const int32_t* xs, const P
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const uint8_t* w[NV];
   const float* s[NV];
-  for (int v = 0; v < NV; ++v) {
-    w[v] = p.qw + (t + v) * p.tile_bytes();
-    s[v] = p.sc + (t + v) * p.groups * kTile;
-  }
-  for (int64_t j = 0; j < MB * NV * kTile; ++j) res[j] = 0.f;
+  start_block<MB, NV>(p, t, w, s, res);  // totals in memory: the registers are left to the accumulators
 
   for (int64_t g = 0; g < p.groups; ++g) {
     __m512 facc[MB][NV];
